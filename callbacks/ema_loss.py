@@ -1,0 +1,66 @@
+"""The train loss nanochat prints: an exponential moving average, debiased (spec §4.10 step 7, §5.7 step 6)."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+
+from nanolit.common import NanolitError
+
+
+class EMALossLogger(L.Callback):
+    """Smooth the train loss like nanochat and log ``train/loss`` (debiased EMA) and ``train/loss_raw``.
+
+    ``smooth = beta * smooth + (1 - beta) * loss``, reported as ``smooth / (1 - beta ** (step + 1 +
+    debias_offset))`` where ``step`` is the optimizer step just taken, counted from 0 (nanochat base's ``step``).
+    mid_train increments ``step`` before logging, so its debias term is one step later: ``debias_offset=1``
+    reproduces it (spec §5.7 step 6).
+
+    Protocol: the LightningModule sets ``last_train_loss`` (a scalar tensor: nanochat smooths the last
+    micro-step's loss of rank zero, not the mean) in ``training_step``; without it the step's returned
+    ``{"loss": ...}`` is used. The module must not log ``train/loss`` itself.
+
+    ``smooth_loss`` (debiased) is available for progress bars and reports; the raw EMA state is checkpointed, so
+    a resumed run continues the exact same curve.
+    """
+
+    def __init__(self, beta: float = 0.9, debias_offset: int = 0) -> None:
+        super().__init__()
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise NanolitError(f"EMA beta must be a number in [0, 1), got {beta!r}")
+        if isinstance(debias_offset, bool) or not isinstance(debias_offset, int) or debias_offset < 0:
+            raise NanolitError(f"debias_offset must be a whole number >= 0 (0 as base_train, 1 as mid_train), got {debias_offset!r}")
+        self.beta = float(beta)
+        self.debias_offset = debias_offset
+        self.smooth = 0.0  # nanochat's smooth_train_loss, not debiased
+        self.smooth_loss: float | None = None  # debiased, what gets logged
+        self.last_loss: float | None = None
+
+    def update(self, loss: float, step: int) -> float:
+        """Fold ``loss`` from optimizer step ``step`` (0-based) into the EMA; return the debiased value."""
+        self.smooth = self.beta * self.smooth + (1.0 - self.beta) * loss
+        self.last_loss = loss
+        self.smooth_loss = self.smooth / (1.0 - self.beta ** (step + 1 + self.debias_offset))
+        return self.smooth_loss
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return  # the module skipped this step (returned None): nothing to fold in
+        raw = float(loss.detach().float().item() if isinstance(loss, torch.Tensor) else loss)  # a sync, as nanochat's
+        # global_step already counts the step just taken; nanochat's `step` is the index before the increment.
+        debiased = self.update(raw, trainer.global_step - 1)
+        pl_module.log("train/loss", debiased, on_step=True, on_epoch=False)
+        pl_module.log("train/loss_raw", raw, on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"smooth": self.smooth, "smooth_loss": self.smooth_loss, "last_loss": self.last_loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.smooth = state_dict["smooth"]
+        self.smooth_loss = state_dict["smooth_loss"]
+        self.last_loss = state_dict["last_loss"]

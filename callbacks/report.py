@@ -1,0 +1,275 @@
+"""A markdown report of the run, like nanochat's report.md (spec §4.11-4.12, §12), written when fit ends."""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning
+import lightning.pytorch as L
+import torch
+
+from nanolit.callbacks.bpb import BPBValidation
+from nanolit.callbacks.core import COREEvaluation
+from nanolit.callbacks.ema_loss import EMALossLogger
+from nanolit.callbacks.sampling import Sampler
+from nanolit.callbacks.throughput import TokenThroughputMonitor
+from nanolit.common import atomic_write
+
+SPARK_LEVELS = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 60
+
+
+def format_value(value: Any) -> str:
+    """nanochat's report formatting (spec §12): floats ``.4f``, ints >= 10000 with separators, else ``str``."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and value >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+def sparkline(values: list[float], width: int = SPARK_WIDTH) -> str:
+    """A one-line text chart: ``values`` averaged into at most ``width`` buckets, scaled to 8 block heights."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return ""
+    buckets = min(width, len(finite))
+    means = []
+    for b in range(buckets):
+        chunk = finite[b * len(finite) // buckets:(b + 1) * len(finite) // buckets]
+        means.append(sum(chunk) / len(chunk))
+    low, high = min(means), max(means)
+    span = (high - low) or 1.0
+    return "".join(SPARK_LEVELS[round((m - low) / span * (len(SPARK_LEVELS) - 1))] for m in means)
+
+
+def ema_debiased(values: list[float], beta: float = 0.9) -> list[float]:
+    """nanochat's smoothed loss curve (spec §4.10 step 7) for plotting a raw loss series."""
+    smooth, out = 0.0, []
+    for i, value in enumerate(values):
+        smooth = beta * smooth + (1 - beta) * value
+        out.append(smooth / (1 - beta ** (i + 1)))
+    return out
+
+
+def _find(trainer: L.Trainer, cls: type) -> Any:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+
+
+def _bullets(items: dict[str, Any]) -> str:
+    return "\n".join(f"- {key}: {format_value(value)}" for key, value in items.items() if value is not None)
+
+
+class ReportWriter(L.Callback):
+    """Write ``report.md`` (and PNG plots when matplotlib is installed) into the run directory when fit ends.
+
+    Sections, as nanochat's "Base model training" report (spec §4.12): environment (platform, Python, torch,
+    Lightning, GPUs), config (the module's and datamodule's hyperparameters, trainer settings), run facts
+    (parameters, FLOPs per token, iterations, tokens, tokens:params, world size), outcomes (min and final val
+    bpb, CORE estimate, MFU of the last step, total training FLOPs and time, peak memory), the last CORE table,
+    the last samples, and charts of the train loss, val bpb, learning rates and momenta.
+
+    It reads its sibling callbacks from ``trainer.callbacks`` (``BPBValidation``, ``COREEvaluation``,
+    ``Sampler``, ``TokenThroughputMonitor``, ``EMALossLogger``; any may be absent) and records the per-step
+    train loss (the ``{"loss": ...}`` returned by ``training_step``), each param group's ``lr`` and momentum
+    (``momentum``, or ``betas[0]`` for Adam) itself, after every step; that history is checkpointed, so a
+    resumed run's report has the whole curve. Optional protocol: ``flops_per_token``, ``tokens_per_step``,
+    ``num_iterations`` on the module. Written on global rank zero; ``path`` overrides
+    ``<trainer.log_dir>/report.md``. Plots: ``pip install nanolit[plots]`` for PNGs, else text sparklines.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.series: dict[str, list[tuple[int, float]]] = {}
+        self.report_path: Path | None = Path(path) if path else None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # trainer.log_dir is a broadcast: read it here, on every rank, never from rank zero alone.
+        if stage == "fit" and self.path is None:
+            self.report_path = Path(trainer.log_dir or trainer.default_root_dir) / "report.md"
+
+    def _record(self, name: str, step: int, value: float) -> None:
+        self.series.setdefault(name, []).append((step, float(value)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step - 1  # the step just taken, nanochat's index
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._record("train/loss", step, loss.item() if isinstance(loss, torch.Tensor) else loss)
+        for i, optimizer in enumerate(trainer.optimizers):
+            for j, group in enumerate(optimizer.param_groups):
+                name = f"{type(optimizer).__name__}/{group.get('name', f'group{i}.{j}')}"
+                self._record(f"lr/{name}", step, group["lr"])
+                momentum = group.get("momentum", group["betas"][0] if "betas" in group else None)
+                if momentum is not None:
+                    self._record(f"momentum/{name}", step, momentum)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.report_path is None:
+            return
+        path = self.report_path
+        bpb = _find(trainer, BPBValidation)
+        if bpb is not None:
+            self.series["val/bpb"] = list(bpb.history)
+        sections = [
+            f"# nanolit report\n\nGenerated: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+            "## Environment\n\n" + _bullets(environment()),
+            "## Config\n\n" + _bullets(self._config(trainer, pl_module)),
+            "## Training\n\n" + _bullets(self._facts(trainer, pl_module)),
+        ]
+        core = _find(trainer, COREEvaluation)
+        if core is not None and core.last_result:
+            sections.append(core_table(core.last_result))
+        sampler = _find(trainer, Sampler)
+        if sampler is not None and sampler.last_samples:
+            body = "\n".join(s["sample"] for s in sampler.last_samples)
+            sections.append(f"## Samples (step {sampler.last_step:05d})\n\n```text\n{body}\n```")
+        sections.append(self._charts(path.parent))
+        with atomic_write(path) as tmp:
+            tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+        print(f"Report written to {path}")
+
+    def _config(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        config = {f"model.{k}": v for k, v in pl_module.hparams.items()}
+        datamodule = trainer.datamodule
+        if datamodule is not None:
+            config.update({f"data.{k}": v for k, v in datamodule.hparams.items()})
+        config.update({"trainer.max_steps": trainer.max_steps, "trainer.precision": trainer.precision,
+                       "trainer.accelerator": type(trainer.accelerator).__name__,
+                       "trainer.num_devices": trainer.num_devices, "trainer.num_nodes": trainer.num_nodes})
+        return config
+
+    def _facts(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        num_params = sum(p.numel() for p in pl_module.parameters())
+        flops_per_token = getattr(pl_module, "flops_per_token", None)
+        tokens_per_step = getattr(pl_module, "tokens_per_step", None)
+        num_iterations = getattr(pl_module, "num_iterations", None)
+        total_tokens = tokens_per_step * num_iterations if tokens_per_step and num_iterations else None
+        bpb, core = _find(trainer, BPBValidation), _find(trainer, COREEvaluation)
+        monitor, ema = _find(trainer, TokenThroughputMonitor), _find(trainer, EMALossLogger)
+        facts: dict[str, Any] = {
+            "Number of parameters": num_params,
+            "Number of FLOPs per token": f"{flops_per_token:e}" if flops_per_token else None,
+            "Calculated number of iterations": num_iterations,
+            "Steps completed": trainer.global_step,
+            "Number of training tokens": total_tokens,
+            "Tokens : Params ratio": total_tokens / num_params if total_tokens and num_params else None,
+            "DDP world size": trainer.world_size,
+            "Final train loss (EMA)": ema.smooth_loss if ema is not None else None,
+        }
+        if bpb is not None:
+            facts["Minimum validation bpb"] = bpb.min_val_bpb if bpb.last_val_bpb is not None else None
+            facts["Final validation bpb"] = bpb.last_val_bpb
+        if core is not None:
+            facts["CORE metric estimate"] = core.last_result["core_metric"] if core.last_result else None
+        if monitor is not None:
+            facts["MFU %"] = f"{monitor.mfu:.2f}%" if monitor.mfu is not None else "n/a (peak FLOP/s unknown)"
+            facts["Total training flops"] = f"{monitor.flops_so_far:e}"
+            facts["Total training time"] = f"{monitor.total_training_time / 60:.2f}m"
+        facts.update(peak_memory(trainer.strategy.root_device))
+        return facts
+
+    def _charts(self, out_dir: Path) -> str:
+        series = {name: points for name, points in self.series.items() if points}
+        if not series:
+            return "## Charts\n\nNo steps were recorded."
+        try:
+            import matplotlib  # noqa: F401  (optional extra: nanolit[plots])
+        except ImportError:
+            lines = []
+            for name, points in series.items():
+                steps, values = [p[0] for p in points], [p[1] for p in points]
+                lines.append(f"{name:<28} {sparkline(values)}  first {values[0]:.4g}, last {values[-1]:.4g}, "
+                             f"min {min(values):.4g}, max {max(values):.4g}  (steps {steps[0]}-{steps[-1]})")
+            return ("## Charts\n\nText charts (install matplotlib, `pip install nanolit[plots]`, for PNG plots):"
+                    "\n\n```text\n" + "\n".join(lines) + "\n```")
+        images = [f"![{title}]({file})" for title, file in plot_pngs(series, out_dir)]
+        return "## Charts\n\n" + "\n\n".join(images)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"series": {name: [list(p) for p in points] for name, points in self.series.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.series = {name: [(int(s), float(v)) for s, v in points] for name, points in state_dict["series"].items()}
+
+
+def environment() -> dict[str, Any]:
+    """Platform, versions and GPUs (the parts of nanochat's report header that describe the machine)."""
+    env: dict[str, Any] = {
+        "Platform": platform.platform(),
+        "Python": sys.version.split()[0],
+        "PyTorch": torch.__version__,
+        "Lightning": lightning.__version__,
+        "CPUs": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        memory = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
+        env["GPUs"] = f"{len(names)} x {names[0]} ({memory:.1f} GiB each)"
+        env["CUDA"] = torch.version.cuda
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        env["GPUs"] = "Apple MPS"
+    else:
+        env["GPUs"] = "none"
+    return env
+
+
+def peak_memory(device: torch.device) -> dict[str, str]:
+    """Peak GPU memory (nanochat prints ``torch.cuda.max_memory_allocated``), or the process's peak RSS."""
+    if device.type == "cuda":
+        return {"Peak memory usage": f"{torch.cuda.max_memory_allocated(device) / 1024 ** 2:,.2f}MiB"}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mib = rss / 1024 ** 2 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+    return {"Peak host memory (RSS)": f"{rss_mib:,.2f}MiB"}
+
+
+def core_table(result: dict[str, Any]) -> str:
+    """The last CORE evaluation as base_eval's table: Task, Accuracy, Centered, then CORE."""
+    rows = [f"| {label} | {acc:.4f} | {result['centered_results'][label]:.4f} |"
+            for label, acc in result["results"].items()]
+    return (f"## CORE (step {result['step']:05d})\n\n| Task | Accuracy | Centered |\n|---|---|---|\n"
+            + "\n".join(rows) + f"\n| CORE | | {result['core_metric']:.4f} |")
+
+
+def plot_pngs(series: dict[str, list[tuple[int, float]]], out_dir: Path) -> list[tuple[str, str]]:
+    """PNG plots of the loss, val bpb, learning rates and momenta; returns ``(title, file name)`` pairs."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    groups = {
+        "train loss": ("train_loss.png", [n for n in series if n == "train/loss"]),
+        "validation bpb": ("val_bpb.png", [n for n in series if n == "val/bpb"]),
+        "learning rate": ("lr.png", [n for n in series if n.startswith("lr/")]),
+        "momentum": ("momentum.png", [n for n in series if n.startswith("momentum/")]),
+    }
+    written = []
+    for title, (file, names) in groups.items():
+        if not names:
+            continue
+        fig = Figure(figsize=(7, 3.5))
+        ax = fig.subplots()
+        for name in names:
+            steps, values = zip(*series[name])
+            ax.plot(steps, values, label=name, linewidth=1)
+            if name == "train/loss":
+                ax.plot(steps, ema_debiased(list(values)), label="EMA (0.9, debiased)", linewidth=1.5)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_write(out_dir / file) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        written.append((title, file))
+    return written

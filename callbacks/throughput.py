@@ -1,0 +1,180 @@
+"""Tokens per second, MFU and training time, nanochat's way (spec §4.10 steps 6-7, §4.13), on Lightning's monitor."""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
+
+from nanolit.common import NanolitError, synchronize
+
+# Dense (no sparsity) bf16 tensor-core peak of one GPU, in FLOP/s, keyed by a word in torch.cuda.get_device_name().
+# First match wins, so the specific names come before the general ones. Datasheets quote "with sparsity" figures
+# that are twice these. Lightning 2.6.6's own table has sparse numbers for H100 NVL and H200 and lacks a plain
+# "NVIDIA H200" (lightning-notes §5), so this table is consulted first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h200 nvl", 835e12),  # NVIDIA H200 datasheet, H200 NVL column: BF16 1,671 TFLOPS with sparsity
+    ("h200", 989e12),  # H200 SXM: same Hopper tensor cores as H100 SXM (datasheet 1,979 sparse); nanochat uses 989e12
+    ("gh200", 989e12),  # GH200 datasheet: BF16 1,979 TFLOPS with sparsity (an H100-class GPU)
+    ("h100 nvl", 835e12),  # NVIDIA H100 datasheet, H100 NVL column: BF16 1,671 TFLOPS with sparsity
+    ("h100 pcie", 756e12),  # NVIDIA H100 datasheet, PCIe column: BF16 1,513 TFLOPS with sparsity
+    ("h100", 989e12),  # H100 SXM ("NVIDIA H100 80GB HBM3"): nanochat's promised_flops_per_sec_h100 (spec §4.10 step 7)
+    ("a100", 312e12),  # NVIDIA A100 datasheet: BF16 312 TFLOPS (624 sparse), SXM and PCIe alike
+    ("l40s", 362e12),  # NVIDIA L40S datasheet: BF16 362.05 TFLOPS (733 sparse)
+    ("l40", 181e12),  # NVIDIA Ada GPU architecture whitepaper, L40: BF16 181.05 TFLOPS (362.1 sparse)
+    ("l4", 121e12),  # NVIDIA L4 datasheet: BF16 242 TFLOPS with sparsity
+    ("a10", 125e12),  # NVIDIA A10 datasheet: BF16 125 TFLOPS (250 sparse); A10G is a different part, not matched
+    ("rtx 4090", 165.2e12),  # Ada whitepaper appendix: RTX 4090 BF16 with FP32 accumulate 165.2 (330.4 sparse)
+    ("rtx 3090", 71e12),  # Ampere GA102 whitepaper: RTX 3090 BF16 with FP32 accumulate 71 (142 sparse)
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU from its CUDA name, or None if it is not in :data:`PEAK_BF16_FLOPS`."""
+    name = device_name.lower()
+    for key, flops in PEAK_BF16_FLOPS:
+        if re.search(rf"\b{key}\b", name):
+            return flops
+    return None
+
+
+def _batch_rows(batch: Any) -> int:
+    """Sequences in a batch: every dimension but the last of its first tensor ([A, B, T+1] -> A*B, [B, T] -> B)."""
+    tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return max(1, tensor.shape[:-1].numel()) if isinstance(tensor, torch.Tensor) else 1
+
+
+def _batch_items(batch: Any) -> int:
+    """Token ids in a batch's first tensor (used only outside training, where the token protocol does not apply)."""
+    tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return tensor.numel() if isinstance(tensor, torch.Tensor) else 1
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` fed by the token protocol, plus nanochat's per-step numbers.
+
+    Protocol: ``pl_module.tokens_per_step`` (int, global tokens per optimizer step) and
+    ``pl_module.flops_per_token`` (float, forward + backward). One ``training_step`` is one optimizer step.
+
+    Every step (nanochat §4.10 step 7), with ``dt`` the step's wall time between ``on_train_batch_start`` and
+    ``on_train_batch_end``, synchronised on CUDA and MPS and minus any time the evaluation callbacks spent in
+    between (``eval_seconds``, see ``PeriodicEvaluation``): ``tok_per_sec = tokens_per_step / dt``;
+    ``mfu = 100 * flops_per_token * tokens_per_step / dt / (peak * world_size)`` (percent), ``None`` when the
+    peak is unknown (CPU, MPS, an unlisted GPU) rather than a made-up number; ``total_training_time`` adds
+    ``dt`` only for steps after ``warmup_steps`` (nanochat: ``step > 10``, leaving out compilation) and is
+    checkpointed so a resumed run continues the total; ``flops_so_far = flops_per_token * tokens_per_step *
+    global_step``. Logged as ``train/tok_per_sec``, ``train/mfu``, ``train/dt``, ``total_training_time`` and
+    ``total_training_flops`` every ``log_every_n_steps``.
+
+    The base class adds its windowed metrics (``train/device/items_per_sec`` = tokens/s per device,
+    ``train/device/mfu`` as a fraction, ...) once ``window_size`` steps are in; there ``samples`` are
+    sequences and ``items`` are tokens.
+
+    ``peak_flops`` overrides the per-GPU peak. Otherwise :data:`PEAK_BF16_FLOPS` (dense bf16, what nanochat's
+    MFU means), then Lightning's table for the trainer's precision.
+    """
+
+    def __init__(self, window_size: int = 100, peak_flops: float | None = None, warmup_steps: int = 10) -> None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 2:
+            raise NanolitError(f"window_size must be a whole number >= 2, got {window_size!r}")
+        if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float))
+                                       or peak_flops <= 0):
+            raise NanolitError(f"peak_flops must be a positive number of FLOP/s (e.g. 989e12), got {peak_flops!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise NanolitError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
+        super().__init__(batch_size_fn=_batch_rows, length_fn=_batch_items, window_size=window_size)
+        self.peak_flops = float(peak_flops) if peak_flops is not None else None
+        self.warmup_steps = warmup_steps
+        self.total_training_time = 0.0
+        self.flops_so_far = 0.0
+        self.dt: float | None = None
+        self.tok_per_sec: int | None = None
+        self.mfu: float | None = None
+        self._train_seconds = 0.0  # all measured step time since train start, for the windowed base metrics
+        self._step_start = 0.0
+        self._eval_start = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        for name in ("tokens_per_step", "flops_per_token"):
+            if not isinstance(getattr(pl_module, name, None), (int, float)):
+                raise NanolitError(f"TokenThroughputMonitor needs {type(pl_module).__name__}.{name} (a number); "
+                                   "add it or remove the callback")
+        self.available_flops = self._peak(trainer)
+        for throughput in self._throughputs.values():
+            throughput.available_flops = self.available_flops
+
+    def _peak(self, trainer: L.Trainer) -> float | None:
+        if self.peak_flops is not None:
+            return self.peak_flops
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+            if peak is not None:
+                return peak
+        # Lightning's table (it warns for unknown GPUs); None on CPU and MPS.
+        return self.available_flops if device.type == "cuda" else None
+
+    @staticmethod
+    def _eval_seconds(trainer: L.Trainer) -> float:
+        return sum(getattr(cb, "eval_seconds", 0.0) for cb in trainer.callbacks)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_seconds = 0.0
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        synchronize(pl_module.device)
+        self._step_start = time.perf_counter()
+        self._eval_start = self._eval_seconds(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self._step_start
+        dt = max(elapsed - (self._eval_seconds(trainer) - self._eval_start), 1e-9)
+        step = trainer.global_step - 1  # nanochat's step index: the step just taken
+        tokens, flops_per_token = pl_module.tokens_per_step, pl_module.flops_per_token
+        self.dt = dt
+        self._train_seconds += dt
+        self.tok_per_sec = int(tokens / dt)
+        self.mfu = None
+        if self.available_flops:
+            self.mfu = 100.0 * flops_per_token * tokens / dt / (self.available_flops * trainer.world_size)
+        if step > self.warmup_steps:
+            self.total_training_time += dt
+        self.flops_so_far = flops_per_token * tokens * trainer.global_step
+        metrics = {"train/tok_per_sec": float(self.tok_per_sec), "train/dt": dt,
+                   "total_training_time": self.total_training_time, "total_training_flops": self.flops_so_far}
+        if self.mfu is not None:
+            metrics["train/mfu"] = self.mfu
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # rank zero: windowed metrics
+
+    @torch.inference_mode()
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING:
+            return super()._update(trainer, pl_module, batch, iter_num)
+        # Lightning's version reads `flops_per_batch` and times from train start (evals included); the token
+        # protocol gives exact counts, and the clock is the eval-free step time measured above.
+        world_size = trainer.world_size
+        self._batches[stage] += 1
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._lengths[stage] += pl_module.tokens_per_step // world_size
+        self._throughputs[stage].update(
+            time=self._train_seconds, batches=self._batches[stage], samples=self._samples[stage],
+            lengths=self._lengths[stage], flops=pl_module.flops_per_token * pl_module.tokens_per_step / world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_training_time": self.total_training_time}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total_training_time = state_dict["total_training_time"]

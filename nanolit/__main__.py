@@ -1,0 +1,3 @@
+from nanolit.cli import main
+
+main()

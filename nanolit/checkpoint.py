@@ -1,0 +1,292 @@
+"""Checkpoints in nanochat's on-disk format (spec §4.14, §11.3), so nanochat and nanolit read each other's files.
+
+A checkpoint dir (``<base>/base_checkpoints/d20/``) holds, per saved step:
+``model_{step:06d}.pt`` (the uncompiled model's state_dict), ``meta_{step:06d}.json`` (indent 2) and
+``optim_{step:06d}_rank{r}.pt`` (a list of optimizer state_dicts, one file per rank).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanolit.common import NanolitError, atomic_write, get_base_dir
+from nanolit.tokenizer import Tokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    from nanolit.model import GPT
+
+# §11.3: load_model's source names and the base-dir folders they live in.
+SOURCE_DIRS = {
+    "base": "base_checkpoints",
+    "mid": "mid_checkpoints",
+    "sft": "chatsft_checkpoints",
+    "rl": "chatrl_checkpoints",
+}
+
+# §1.3: every state_dict key of the Dec-2025 architecture (no biases, norms or positional table).
+_DEC2025_KEY = re.compile(
+    r"transformer\.wte\.weight|lm_head\.weight|transformer\.h\.\d+\.(attn\.c_(q|k|v|proj)|mlp\.c_(fc|proj))\.weight"
+)
+
+# §14.5: keys that first appear in later nanochat versions, newest first (a Mar-2026 model has all of them).
+_NEWER_ERAS = [
+    ("smear_", "mar2026", "smear gate and backout lambdas, March 2026 or later"),
+    ("value_embeds.", "jan2026-ve", "value embeddings, mid-January 2026 or later"),
+    ("resid_lambdas", "jan2026", "per-layer residual lambdas, January 2026"),
+]
+
+
+def _paths(ckpt_dir: Path, step: int, rank: int) -> tuple[Path, Path, Path]:
+    return (
+        ckpt_dir / f"model_{step:06d}.pt",
+        ckpt_dir / f"meta_{step:06d}.json",
+        ckpt_dir / f"optim_{step:06d}_rank{rank}.pt",
+    )
+
+
+def save_nanochat_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    model_state: dict,
+    optim_states: list[dict] | None,
+    meta: dict,
+    rank: int = 0,
+) -> None:
+    """Write one step's files like nanochat's ``save_checkpoint`` (§11.3).
+
+    Rank 0 writes the model and meta; every rank writes its optimizer file when ``optim_states`` is given.
+    All files are staged as temporaries first and renamed only once every one was written, model last, so a
+    failure mid-save leaves the previous files untouched and ``find_last_step`` never sees a half-saved step.
+    """
+    model_path, meta_path, optim_path = _paths(Path(ckpt_dir), step, rank)
+    # ExitStack exits in reverse order: the renames run optim, meta, model.
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            torch.save(model_state, stack.enter_context(atomic_write(model_path)))
+            stack.enter_context(atomic_write(meta_path)).write_text(json.dumps(meta, indent=2))
+        if optim_states is not None:
+            torch.save(optim_states, stack.enter_context(atomic_write(optim_path)))
+
+
+def load_nanochat_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    device: torch.device | str,
+    load_optimizer: bool = False,
+    rank: int = 0,
+) -> tuple[dict, list[dict] | None, dict]:
+    """``(model_state_dict, optimizer_states or None, meta)`` of one step, tensors mapped to ``device``."""
+    model_path, meta_path, optim_path = _paths(Path(ckpt_dir), step, rank)
+    needed = [model_path, meta_path] + ([optim_path] if load_optimizer else [])
+    for path in needed:
+        if not path.is_file():
+            raise NanolitError(f"checkpoint file {path} is missing; pick a saved step (see {ckpt_dir})")
+    model_state = load_tensors(model_path, device)
+    optim_states = load_tensors(optim_path, device) if load_optimizer else None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise NanolitError(f"{meta_path} is not valid JSON ({e}); the save was interrupted or the file edited") from None
+    return model_state, optim_states, meta
+
+
+def load_tensors(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """``torch.load`` with ``weights_only=True`` and a one-line error for a truncated or foreign file.
+
+    weights_only: a checkpoint is data, and unpickling arbitrary objects would run code.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise NanolitError(f"{path} does not exist; check the path") from None
+    except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file at all
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NanolitError(f"cannot read {path} ({reason}); it is truncated, corrupt or not a torch "
+                           "checkpoint: re-save it or pick another step") from None
+
+
+def detect_architecture(state_dict: dict) -> str:
+    """Which nanochat architecture a state_dict belongs to, by its key set (§14.5).
+
+    ``"dec2025"`` (what nanolit implements: the keys of §1.3 only), ``"jan2026"``, ``"jan2026-ve"``,
+    ``"mar2026"``, or ``"unknown"`` when the keys match none of these.
+    """
+    keys = [k.removeprefix("_orig_mod.") for k in state_dict]
+    if keys and all(_DEC2025_KEY.fullmatch(k) for k in keys):
+        return "dec2025"
+    for marker, era, _ in _NEWER_ERAS:
+        if any(k.startswith(marker) for k in keys):
+            return era
+    return "unknown"
+
+
+def _architecture_error(ckpt_dir: Path, era: str) -> NanolitError:
+    why = {name: text for _, name, text in _NEWER_ERAS}.get(era, "its parameter names are not nanochat's")
+    return NanolitError(
+        f"checkpoint in {ckpt_dir} is not the Dec-2025 nanochat architecture ({why}); nanolit implements "
+        "nanochat d575940 (Dec 2025): use a checkpoint trained by nanolit or by nanochat before 2026-01-11"
+    )
+
+
+def _drop_vocab_padding(state_dict: dict, vocab_size: int) -> dict:
+    """Slice wte/lm_head back to ``vocab_size`` rows.
+
+    From 2025-12-23 (§14.1) nanochat pads both to a multiple of 64 rows and slices the logits back, so the extra
+    rows never affect outputs and those checkpoints still load into the Dec-2025 model.
+    """
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        if key in state_dict and state_dict[key].shape[0] > vocab_size:
+            state_dict[key] = state_dict[key][:vocab_size]
+    return state_dict
+
+
+def build_model(
+    ckpt_dir: str | os.PathLike, step: int, device: torch.device | str, phase: str = "eval"
+) -> tuple[GPT, dict]:
+    """Load a checkpoint into a fresh GPT, like nanochat's ``build_model`` (§11.3). Returns ``(model, meta)``."""
+    # Imported here so callbacks can use the save/load functions without importing nanolit.model (design.md).
+    from nanolit.model import GPTConfig, build_gpt
+
+    if phase not in ("eval", "train"):
+        raise NanolitError(f"phase must be 'eval' or 'train', got {phase!r}")
+    ckpt_dir, device = Path(ckpt_dir), torch.device(device)
+    model_state, _, meta = load_nanochat_checkpoint(ckpt_dir, step, device)
+    # bf16 wte (CUDA runs, §1.9) is upcast off CUDA, where bf16 matmuls are slow or missing.
+    if device.type in ("cpu", "mps"):
+        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    era = detect_architecture(model_state)
+    if era != "dec2025":
+        raise _architecture_error(ckpt_dir, era)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise NanolitError(f"meta_{step:06d}.json in {ckpt_dir} has no usable model_config ({e})") from None
+    model_state = _drop_vocab_padding(model_state, config.vocab_size)
+    model = build_gpt(config, device)
+    # assign=True: parameters take the checkpoint's tensors and dtypes (wte stays bf16 on CUDA, like nanochat).
+    try:
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise NanolitError(f"checkpoint in {ckpt_dir} does not fit its model_config: {reason}") from None
+    model.train(phase == "train")
+    return model, meta
+
+
+def find_largest_model(checkpoints_dir: str | os.PathLike) -> str:
+    """The tag with the largest depth ``d<N>``, else the most recently modified tag folder (§11.3)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    tags = [p for p in checkpoints_dir.iterdir() if p.is_dir()] if checkpoints_dir.is_dir() else []
+    if not tags:
+        raise NanolitError(f"no model folders in {checkpoints_dir}; train a model first or pass --model_tag")
+    depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda p: p.stat().st_mtime).name
+
+
+def find_last_step(ckpt_dir: str | os.PathLike) -> int:
+    """The largest step with a ``model_<step>.pt`` in ``ckpt_dir``."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = [int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+    if not steps:
+        raise NanolitError(f"no model_<step>.pt in {ckpt_dir}; train or pick another --model_tag")
+    return max(steps)
+
+
+def load_model(
+    source: str,
+    base_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    phase: str = "eval",
+    model_tag: str | None = None,
+    step: int | None = None,
+) -> tuple[GPT, Tokenizer, dict]:
+    """``(model, tokenizer, meta)`` for ``source`` in base/mid/sft/rl; defaults to the largest model's last step."""
+    if source not in SOURCE_DIRS:
+        raise NanolitError(f"unknown checkpoint source {source!r}; use one of {', '.join(SOURCE_DIRS)}")
+    base = get_base_dir(base_dir)
+    checkpoints_dir = base / SOURCE_DIRS[source]
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    ckpt_dir = checkpoints_dir / model_tag
+    step = find_last_step(ckpt_dir) if step is None else step
+    model, meta = build_model(ckpt_dir, step, device, phase)
+    tokenizer = get_tokenizer(base)
+    vocab_size = meta["model_config"]["vocab_size"]
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise NanolitError(
+            f"tokenizer in {base / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but the model in {ckpt_dir} "
+            f"has {vocab_size}; use the tokenizer the model was trained with"
+        )
+    return model, tokenizer, meta
+
+
+def load_nanochat(path: str | os.PathLike, step: int | None = None,
+                  device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """``(GPT, meta)`` from a nanochat checkpoint folder; ``step=None`` takes the largest saved step."""
+    step = find_last_step(path) if step is None else step
+    return build_model(path, step, device, phase="eval")
+
+
+def save_nanochat(model: GPT, path: str | os.PathLike, step: int, meta: dict,
+                  optimizers: list | None = None, rank: int = 0) -> None:
+    """Write ``model`` (and optionally its optimizers) in nanochat's layout so nanochat's tools read it.
+
+    ``meta`` gets the model's ``model_config`` and ``step`` filled in if missing.
+    """
+    meta = {"step": step, "model_config": model.config.to_dict(), **meta}
+    optim_states = [opt.state_dict() for opt in optimizers] if optimizers is not None else None
+    save_nanochat_checkpoint(path, step, model.state_dict(), optim_states, meta, rank=rank)
+
+
+def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """``(GPT, checkpoint dict)`` from a nanolit Lightning ``.ckpt`` (the module keeps the GPT under ``gpt.``)."""
+    from nanolit.model import GPTConfig, build_gpt
+
+    ckpt = load_tensors(path, device)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise NanolitError(f"{path} is not a Lightning checkpoint (no state_dict); pass a nanolit .ckpt")
+    state = {k.removeprefix("gpt."): v for k, v in ckpt["state_dict"].items() if k.startswith("gpt.")}
+    hp = ckpt.get("hyper_parameters", {})
+    if "transformer.wte.weight" not in state or "depth" not in hp:
+        raise NanolitError(f"{path} holds no nanolit GPT (no gpt.* weights or depth hyperparameter)")
+    vocab_size = state["transformer.wte.weight"].shape[0]
+    config = GPTConfig.from_depth(hp["depth"], vocab_size=vocab_size, sequence_len=hp["max_seq_len"])
+    model = build_gpt(config, device)
+    if torch.device(device).type != "cuda":
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), ckpt
+
+
+def load_for_eval(checkpoint: str | os.PathLike, step: int | None = None, tokenizer_dir: str | os.PathLike | None = None,
+                  device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, int]:
+    """``(model, tokenizer, step)`` from a nanolit ``.ckpt`` or a nanochat checkpoint folder.
+
+    The tokenizer comes from ``tokenizer_dir``, else from the run's data base dir (nanolit) or from the
+    ``tokenizer/`` folder of the base dir that holds ``base_checkpoints/<tag>/`` (nanochat).
+    """
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        model, meta = load_nanochat(checkpoint, step, device)
+        step = meta.get("step", step)
+        default_tok = checkpoint.parent.parent / "tokenizer"
+    elif checkpoint.is_file():
+        model, ckpt = load_lightning_checkpoint(checkpoint, device)
+        step = ckpt.get("global_step", 0)
+        base = (ckpt.get("datamodule_hyper_parameters") or {}).get("base_dir")
+        default_tok = get_base_dir(base) / "tokenizer" if base or tokenizer_dir is None else None
+    else:
+        raise NanolitError(f"checkpoint {checkpoint} does not exist; pass a nanolit .ckpt or a nanochat folder")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir or default_tok)
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise NanolitError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model has "
+                           f"{model.config.vocab_size}; pass --tokenizer with the model's own tokenizer")
+    return model, tokenizer, step

@@ -1,0 +1,177 @@
+"""The ``nanolit`` command: ``LightningCLI`` for training, plus the data, tokenizer, eval and quickstart tools.
+
+    nanolit fit -c configs/quickstart.yaml [--model.depth=12] [--ckpt_path last]
+    nanolit data download -n 8            nanolit data from-text FILES... [--out DIR]
+    nanolit tokenizer train [--vocab_size N] [--max_chars N] [--doc_cap N]
+    nanolit tokenizer eval
+    nanolit eval core --checkpoint PATH --bundle DIR ...    nanolit eval download-core
+    nanolit quickstart
+
+A ``NanolitError`` (bad input) prints one line naming the problem and the fix and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nanolit.common import NanolitError, get_base_dir
+
+TOOLS = ("data", "tokenizer", "eval", "quickstart")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``nanolit`` console script, ``python -m nanolit`` and the root ``cli.py``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] in TOOLS:
+            run_tool(argv)
+        else:
+            run_lightning_cli(None if args is None else argv)
+    except NanolitError as e:
+        print(f"nanolit: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def run_lightning_cli(argv: list[str] | None):
+    """``LightningCLI`` on ``argv`` (``None``: ``sys.argv``, which LightningCLI reads itself)."""
+    from nanolit.lightning_cli import NanoCLI
+
+    return NanoCLI(args=argv)
+
+
+# ------------------------------------------------------------------------------------------------------- tools
+def tool_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanolit", description="nanolit tools (training: `nanolit fit -c CONFIG`)")
+    parser.add_argument("--base_dir", default=None, help="base dir (default $NANOLIT_BASE_DIR or ~/.cache/nanolit)")
+    sub = parser.add_subparsers(dest="tool", required=True)
+
+    data = sub.add_parser("data", help="pretraining shards").add_subparsers(dest="action", required=True)
+    dl = data.add_parser("download", help="download FineWeb-Edu shards (nanochat's dataset)")
+    dl.add_argument("-n", "--num_shards", type=int, default=-1, help="shards to fetch, -1 for all 1823")
+    dl.add_argument("-w", "--workers", type=int, default=4)
+    dl.add_argument("--url", default=None, help="base URL (default nanochat's)")
+    ft = data.add_parser("from-text", help="build shards from local .txt/.jsonl/.parquet files")
+    ft.add_argument("inputs", nargs="+")
+    ft.add_argument("--out", default=None, help="output folder (default <base_dir>/base_data)")
+    ft.add_argument("--chars_per_shard", type=int, default=250_000_000)
+
+    tok = sub.add_parser("tokenizer", help="train or evaluate the BPE tokenizer").add_subparsers(
+        dest="action", required=True)
+    tt = tok.add_parser("train", help="train on the train shards (tok_train)")
+    tt.add_argument("--vocab_size", type=int, default=65536)
+    tt.add_argument("--max_chars", type=int, default=10_000_000_000)
+    tt.add_argument("--doc_cap", type=int, default=10_000)
+    tok.add_parser("eval", help="compression ratio on the val shard (tok_eval)")
+
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
+    core = ev.add_parser("core", help="CORE metric of a checkpoint (base_eval)")
+    core.add_argument("--checkpoint", required=True, help="a nanolit .ckpt or a nanochat checkpoint folder")
+    core.add_argument("--step", type=int, default=None, help="nanochat folder: step to load (default: last)")
+    core.add_argument("--tokenizer", default=None, help="tokenizer folder (default: found from the checkpoint)")
+    core.add_argument("--bundle", default=None, help="eval bundle folder (default <base_dir>/eval_bundle)")
+    core.add_argument("--max_per_task", type=int, default=-1)
+    core.add_argument("--tasks", default=None, help="comma-separated task labels (default: all in core.yaml)")
+    core.add_argument("--output", default=None, help="CSV path (default <base_dir>/base_eval/...)")
+    core.add_argument("--device", default=None)
+    dc = ev.add_parser("download-core", help="download and unpack the CORE eval bundle")
+    dc.add_argument("--url", default=None)
+
+    qs = sub.add_parser("quickstart", help="build a corpus, train a tokenizer and a small model on it")
+    qs.add_argument("--out", default="runs/quickstart", help="folder for the data, logs and checkpoints")
+    qs.add_argument("extra", nargs=argparse.REMAINDER, help="extra `nanolit fit` overrides")
+    return parser
+
+
+def run_tool(argv: list[str]) -> None:
+    # allow `nanolit data download --base_dir X` as well as `nanolit --base_dir X data download`
+    if "--base_dir" in argv[1:]:
+        i = argv.index("--base_dir")
+        argv = argv[i:i + 2] + argv[:i] + argv[i + 2:]
+    ns = tool_parser().parse_args(argv)
+    if ns.tool == "quickstart":
+        from nanolit.quickstart import quickstart
+
+        quickstart(Path(ns.out), ns.extra)
+        return
+    if ns.base_dir is not None and not Path(ns.base_dir).expanduser().is_dir() and ns.tool != "data":
+        raise NanolitError(f"base dir {ns.base_dir} does not exist; create it or fix --base_dir")
+    base = get_base_dir(ns.base_dir)
+    handler = {("data", "download"): _data_download, ("data", "from-text"): _data_from_text,
+               ("tokenizer", "train"): _tokenizer_train, ("tokenizer", "eval"): _tokenizer_eval,
+               ("eval", "core"): _eval_core, ("eval", "download-core"): _eval_download_core}
+    handler[(ns.tool, ns.action)](ns, base)
+
+
+def _data_download(ns, base: Path) -> None:
+    from nanolit.data.shards import DATA_URL, download_shards
+
+    out = base / "base_data"
+    paths = download_shards(ns.num_shards, out, workers=ns.workers, base_url=ns.url or DATA_URL,
+                            on_done=lambda p: print(f"ok {p.name}", flush=True))
+    print(f"{len(paths)} shards in {out}")
+
+
+def _data_from_text(ns, base: Path) -> None:
+    from nanolit.data.shards import write_shards_from_text
+
+    out = Path(ns.out) if ns.out else base / "base_data"
+    paths = write_shards_from_text(ns.inputs, out, chars_per_shard=ns.chars_per_shard)
+    print(f"wrote {len(paths)} shards to {out} (the last, {paths[-1].name}, is the validation shard)")
+
+
+def _tokenizer_train(ns, base: Path) -> None:
+    from nanolit.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(base, vocab_size=ns.vocab_size, max_chars=ns.max_chars, doc_cap=ns.doc_cap)
+    print(f"trained a {tok.get_vocab_size():,}-token tokenizer -> {base / 'tokenizer'}")
+
+
+def _tokenizer_eval(ns, base: Path) -> None:
+    from nanolit.data.shards import list_parquet_files, read_texts, train_val_split
+    from nanolit.tokenizer import evaluate_compression, get_tokenizer
+
+    tok = get_tokenizer(base)
+    _, (val,) = train_val_split(list_parquet_files(base / "base_data"))
+    stats = evaluate_compression(tok, read_texts(val, 0))
+    print(f"{val.name} (first row group): {stats['bytes']:,} bytes -> {stats['tokens']:,} tokens, "
+          f"{stats['ratio']:.3f} bytes/token")
+
+
+def _eval_core(ns, base: Path) -> None:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from nanolit.checkpoint import load_for_eval
+    from nanolit.common import autocast_context, autodetect_device_type
+    from nanolit.eval.core import evaluate_core, write_core_csv
+
+    device = torch.device(ns.device or autodetect_device_type())
+    model, tokenizer, step = load_for_eval(ns.checkpoint, step=ns.step, tokenizer_dir=ns.tokenizer, device=device)
+    bundle = Path(ns.bundle) if ns.bundle else base / "eval_bundle"
+    tasks = ns.tasks.split(",") if ns.tasks else None
+    with autocast_context(device):
+        out = evaluate_core(model, tokenizer, device, bundle, max_per_task=ns.max_per_task, tasks=tasks)
+    table = Table(title=f"CORE of {ns.checkpoint} (step {step})")
+    for col in ("Task", "Accuracy", "Centered"):
+        table.add_column(col)
+    for label, acc in out["results"].items():
+        table.add_row(label, f"{acc:.4f}", f"{out['centered_results'][label]:.4f}")
+    table.add_row("CORE", "", f"{out['core_metric']:.4f}")
+    Console().print(table)
+    output = Path(ns.output) if ns.output else base / "base_eval" / f"base_model_{step:06d}.csv"
+    write_core_csv(output, out)
+    print(f"wrote {output}")
+
+
+def _eval_download_core(ns, base: Path) -> None:
+    from nanolit.eval.core import EVAL_BUNDLE_URL, download_core_bundle
+
+    print(f"CORE bundle at {download_core_bundle(base, url=ns.url or EVAL_BUNDLE_URL)}")
+
+
+if __name__ == "__main__":
+    main()

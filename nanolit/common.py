@@ -1,0 +1,86 @@
+"""Small shared helpers: the base directory, device detection, user-facing errors, atomic writes.
+
+Plain Python/torch only: every layer may import this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+class NanolitError(Exception):
+    """A problem with the user's input or environment.
+
+    The message is one line that names the problem and the fix; the CLI prints it without a traceback.
+    """
+
+
+def get_base_dir(base_dir: str | os.PathLike | None = None) -> Path:
+    """The nanochat-layout base directory (``base_data/``, ``tokenizer/``, ``base_checkpoints/``, ...).
+
+    Order: the explicit argument, ``$NANOLIT_BASE_DIR``, ``$NANOCHAT_BASE_DIR``, ``~/.cache/nanolit``.
+    An existing nanochat folder (``~/.cache/nanochat``) works as is when pointed at.
+    """
+    path = base_dir or os.environ.get("NANOLIT_BASE_DIR") or os.environ.get("NANOCHAT_BASE_DIR")
+    path = Path(path).expanduser() if path else Path.home() / ".cache" / "nanolit"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def autodetect_device_type() -> str:
+    """CUDA, then MPS, then CPU (nanochat's order)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels so wall-clock timings are real (nanochat skips this on MPS)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
+
+    A crash or exception mid-write never clobbers a good file, and readers never see a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def autocast_context(device: torch.device | str):
+    """bf16 autocast on CUDA (nanochat §4.2); fp32 elsewhere.
+
+    MPS runs fp32 like nanochat: bf16 autocast on MPS is slower or unsupported for several ops on the torch
+    versions we test, and fp32 keeps CPU and MPS numerics identical.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,85 @@
+"""``LightningCLI`` for nanolit: nanochat's knobs, linked batch math, and the default callbacks and loggers.
+
+- Shared knobs are typed once on the model (``--model.max_seq_len``, ``--model.device_batch_size``,
+  ``--model.total_batch_size``) and linked into the DataModule; the tokenizer's vocab size is linked back.
+- The default callbacks are always there and configured by their own groups: ``--bpb.eval_every``,
+  ``--core.core_metric_every``, ``--sample.sample_every``, ``--checkpoint.save_every`` (nanochat's names).
+- ``--run NAME`` turns on wandb like nanochat (``dummy``, the default, means no wandb); a CSV log is always written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
+                               TokenThroughputMonitor)
+from nanolit.common import NanolitError
+from nanolit.data.datamodule import BaseDataModule
+from nanolit.module import GPTModule
+
+DEFAULT_ROOT = "runs/default"
+
+
+class NanoCLI(LightningCLI):
+    """``nanolit fit -c CONFIG``: ``GPTModule``/``BaseDataModule`` or subclasses (``class_path`` in the config)."""
+
+    def __init__(self, args=None, **kwargs):
+        super().__init__(
+            GPTModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            auto_configure_optimizers=False,  # Muon + AdamW come from the module (lightning-notes §6)
+            save_config_kwargs={"overwrite": True},  # a resumed run writes its config into the same folder
+            seed_everything_default=42,
+            args=args, **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run", type=str, default="dummy",
+                            help="wandb run name; 'dummy' (nanochat's default) disables wandb")
+        parser.add_lightning_class_args(BPBValidation, "bpb")
+        parser.add_lightning_class_args(COREEvaluation, "core")
+        parser.add_lightning_class_args(Sampler, "sample")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+        for knob in ("max_seq_len", "device_batch_size", "total_batch_size"):
+            parser.link_arguments(f"model.init_args.{knob}", f"data.init_args.{knob}")
+        parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size,
+                              apply_on="instantiate")
+        parser.set_defaults({
+            "model": {"class_path": "nanolit.module.GPTModule"},
+            "data": {"class_path": "nanolit.data.datamodule.BaseDataModule"},
+            "trainer.precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+            "trainer.default_root_dir": DEFAULT_ROOT,
+            "trainer.limit_val_batches": 0,  # validation is the BPB callback, at nanochat's steps
+            "trainer.num_sanity_val_steps": 0,
+            "trainer.log_every_n_steps": 1,
+            "trainer.max_epochs": -1,  # the horizon is the model's num_iterations (max_steps)
+        })
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        root = Path(trainer_config.get("default_root_dir") or DEFAULT_ROOT)
+        ckpt = self._get(self.config_init, "checkpoint")
+        if ckpt.dirpath is None:  # a fixed folder, so `--ckpt_path last` finds it on relaunch
+            ckpt.dirpath = str(root / "checkpoints")
+        defaults = [EMALossLogger(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
+                    RichProgressBar(leave=True), ReportWriter()]
+        kwargs.setdefault("callbacks", list(trainer_config.get("callbacks") or []) + defaults)
+        if trainer_config.get("logger") in (None, True):  # the user's own logger choice wins
+            kwargs.setdefault("logger", self._default_loggers(root, self._get(self.config_init, "run")))
+        return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _default_loggers(root: Path, run: str) -> list:
+        loggers = [CSVLogger(save_dir=str(root), name="logs")]
+        if run != "dummy":
+            try:
+                from lightning.pytorch.loggers import WandbLogger
+                import wandb  # noqa: F401  (WandbLogger only fails later, deep inside setup)
+            except ImportError:
+                raise NanolitError(f"--run {run} asks for wandb, which is not installed; `pip install wandb` "
+                                   "or leave --run at 'dummy'") from None
+            loggers.append(WandbLogger(project="nanolit", name=run, save_dir=str(root)))
+        return loggers

@@ -1,0 +1,284 @@
+"""The LightningModule: nanochat's base_train loop as manual optimization (spec §4).
+
+One ``training_step`` is one optimizer step. The batch holds the step's ``grad_accum_steps`` micro-batches
+(``[A, B, T+1]`` token ids); each is forwarded and back-propagated with the DDP all-reduce skipped on all but
+the last, then: one global-norm clip, this step's LR multiplier and Muon momentum, AdamW and Muon steps.
+Everything Lightning counts (``global_step``, ``max_steps``, checkpoint intervals, the logger x-axis, the
+progress bar) therefore counts optimizer steps, as nanochat's ``step`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
+
+from nanolit.common import NanolitError
+from nanolit.data.loader import grad_accum_steps
+from nanolit.model import GPT, GPTConfig
+from nanolit.optim import build_optimizers
+from nanolit.schedules import lr_multiplier, muon_momentum
+
+
+def resolve_num_iterations(num_iterations: int, target_flops: float, target_param_data_ratio: float,
+                           num_params: int, flops_per_token: float, total_batch_size: int) -> tuple[int, str]:
+    """The training horizon and where it came from, by nanochat's precedence (spec §4.3)."""
+    if num_iterations > 0:
+        return num_iterations, "num_iterations"
+    if target_flops > 0:
+        return round(target_flops / (flops_per_token * total_batch_size)), f"target_flops={target_flops:e}"
+    if target_param_data_ratio > 0:
+        return int(target_param_data_ratio * num_params) // total_batch_size, \
+            f"target_param_data_ratio={target_param_data_ratio}"
+    raise NanolitError("no training horizon: set one of num_iterations, target_flops or "
+                       "target_param_data_ratio to a positive value")
+
+
+class GPTModule(L.LightningModule):
+    """nanochat base training. Every ``__init__`` argument is a base_train knob with its name and default.
+
+    Args:
+        depth: transformer layers; width is ``64*depth`` and heads have dim 128 (spec §1.2).
+        max_seq_len: context length T.
+        device_batch_size: sequences per micro-batch per device (B).
+        total_batch_size: tokens per optimizer step across all devices; sets gradient accumulation.
+        embedding_lr, unembedding_lr, matrix_lr, weight_decay: optimizer knobs (spec §1.13).
+        grad_clip: global gradient-norm clip; 0 disables.
+        warmup_ratio, warmdown_ratio, final_lr_frac: LR schedule (spec §4.7).
+        num_iterations, target_flops, target_param_data_ratio: horizon, in that precedence (spec §4.3).
+        init_lr_frac: scales every group's LR at the start (1.0 for base training).
+        compile: ``torch.compile`` the GPT for training; ``None`` means on CUDA only.
+        vocab_size: taken from the DataModule's tokenizer when ``None`` (the CLI links it).
+        seed: the weight-init seed (nanochat: 42 on every rank).
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        max_seq_len: int = 2048,
+        device_batch_size: int = 32,
+        total_batch_size: int = 524288,
+        embedding_lr: float = 0.2,
+        unembedding_lr: float = 0.004,
+        matrix_lr: float = 0.02,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        warmup_ratio: float = 0.0,
+        warmdown_ratio: float = 0.2,
+        final_lr_frac: float = 0.0,
+        num_iterations: int = -1,
+        target_flops: float = -1.0,
+        target_param_data_ratio: float = 20,
+        init_lr_frac: float = 1.0,
+        compile: bool | None = None,
+        vocab_size: int | None = None,
+        seed: int = 42,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.gpt: GPT | None = None
+        self.num_iterations: int = -1
+        self.horizon_source = ""
+        self.last_train_loss: torch.Tensor | None = None
+        self._flops_per_token: float | None = None
+
+    # ----------------------------------------------------------------------------------------- model
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig.from_depth(self.hparams.depth, vocab_size=vocab_size, sequence_len=self.hparams.max_seq_len)
+
+    def _meta_model(self) -> GPT:
+        # Parameters stay on the meta device until configure_model: no memory is spent before the Trainer
+        # knows the device, and num_params/FLOPs are available for the plan and the horizon right away.
+        vocab_size = self.hparams.vocab_size
+        if vocab_size is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "vocab_size"):
+                raise NanolitError("vocab_size is unknown: pass --model.vocab_size or a DataModule with a tokenizer")
+            vocab_size = datamodule.vocab_size
+        with torch.device("meta"):
+            return GPT(self.model_config(vocab_size))
+
+    @property
+    def eval_model(self) -> GPT:
+        """The uncompiled GPT, for evaluations with varying shapes (CORE, sampling), like nanochat's orig_model."""
+        return self.gpt
+
+    @property
+    def flops_per_token(self) -> float:
+        """Forward+backward FLOPs per token (spec §1.11); available once attached to a Trainer."""
+        if self._flops_per_token is None:
+            self._flops_per_token = (self.gpt if self.gpt is not None else self._meta_model()).estimate_flops()
+        return self._flops_per_token
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.hparams.total_batch_size
+
+    def setup(self, stage: str) -> None:
+        gpt = self.gpt if self.gpt is not None else self._meta_model()
+        hp = self.hparams
+        self.grad_accum_steps = grad_accum_steps(hp.total_batch_size, hp.device_batch_size, hp.max_seq_len,
+                                                 self.trainer.world_size)
+        self.num_iterations, self.horizon_source = resolve_num_iterations(
+            hp.num_iterations, hp.target_flops, hp.target_param_data_ratio, gpt.num_params(),
+            gpt.estimate_flops(), hp.total_batch_size)
+        if self.num_iterations < 1:
+            raise NanolitError(f"the horizon from {self.horizon_source} is {self.num_iterations} steps; "
+                               f"raise it or lower total_batch_size ({hp.total_batch_size})")
+        # The derived horizon is the Trainer's: nobody types max_steps twice. An explicit, different
+        # trainer.max_steps is a contradiction we refuse rather than silently pick one of.
+        max_steps = self.trainer.max_steps
+        if max_steps not in (-1, None, self.num_iterations):
+            raise NanolitError(f"trainer.max_steps={max_steps} contradicts the model's horizon of "
+                               f"{self.num_iterations} steps ({self.horizon_source}); drop trainer.max_steps "
+                               f"or set --model.num_iterations={max_steps}")
+        self.trainer.fit_loop.epoch_loop.max_steps = self.num_iterations
+        # registered last: a meta-device model that fails the checks above must not reach teardown's .cpu()
+        self.gpt = gpt
+
+    def configure_model(self) -> None:
+        if self.gpt.transformer.wte.weight.is_meta:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self.gpt.to_empty(device=device)
+            self.gpt.init_weights(seed=self.hparams.seed)
+            if not self._bf16_training():
+                # nanochat's bf16 wte assumes bf16 autocast; any other precision trains wte in fp32 (dtype honoured)
+                self.gpt.transformer.wte.float()
+        use_compile = self.hparams.compile
+        if use_compile is None:
+            use_compile = self.gpt.get_device().type == "cuda"
+        # Compile the inner GPT only (lightning-notes §4: compiling the LightningModule breaks self.log on
+        # torch 2.13). Kept out of the module registry so state_dict keys stay nanochat's, without _orig_mod.
+        self.__dict__["train_model"] = torch.compile(self.gpt, dynamic=False) if use_compile else self.gpt
+
+    def _bf16_training(self) -> bool:
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return precision.startswith("bf16")
+
+    # ------------------------------------------------------------------------------------ optimizers
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizers = build_optimizers(self.gpt, unembedding_lr=hp.unembedding_lr, embedding_lr=hp.embedding_lr,
+                                      matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = group["lr"] * hp.init_lr_frac
+        return optimizers
+
+    def lr_multiplier(self, step: int) -> float:
+        """This step's LR multiplier; the mid-training module overrides it with a progress-based one."""
+        hp = self.hparams
+        return lr_multiplier(step, self.num_iterations, hp.warmup_ratio, hp.warmdown_ratio, hp.final_lr_frac)
+
+    # ------------------------------------------------------------------------------------- training
+    def loss_per_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy in nats, ``[B*T]`` (protocol for the BPB callback)."""
+        return self.eval_model(x, y, loss_reduction="none")
+
+    def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
+        """Greedy continuation with the KV cache (protocol for the sampling callback)."""
+        return list(self.eval_model.generate(tokens, max_tokens, temperature=0.0))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        adamw, muon = self.optimizers()
+        step = self.global_step  # optimizer steps completed before this one == nanochat's `step`
+        if batch.dim() != 3 or batch.size(0) != self.grad_accum_steps:
+            raise NanolitError(f"expected a step batch of shape [grad_accum={self.grad_accum_steps}, B, T+1], "
+                               f"got {tuple(batch.shape)}; use a nanolit DataModule with the same batch knobs")
+        strategy = self.trainer.strategy
+        total = torch.zeros((), device=batch.device)
+        for i in range(self.grad_accum_steps):
+            x, y = batch[i, :, :-1], batch[i, :, 1:]
+            loss = self.train_model(x, y)
+            last = i == self.grad_accum_steps - 1
+            # skip the DDP all-reduce on every micro-step but the last (lightning-notes §1)
+            sync = contextlib.nullcontext() if last or not isinstance(strategy, ParallelStrategy) \
+                else strategy.block_backward_sync()
+            with sync:
+                self.manual_backward(loss / self.grad_accum_steps)
+            total += loss.detach()
+        self.last_train_loss = loss.detach()  # nanochat logs the last micro-step's loss (spec §4.10 step 7)
+
+        if self.hparams.grad_clip > 0:
+            # one norm over Muon's and AdamW's parameters together, as nanochat does
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), self.hparams.grad_clip)
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        lrm = self.lr_multiplier(step)
+        for opt in (adamw.optimizer, muon.optimizer):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        momentum = muon_momentum(step)
+        for group in muon.optimizer.param_groups:
+            group["momentum"] = momentum
+        # Only the AdamW step goes through Lightning, so global_step counts 1 per training_step; two
+        # LightningOptimizer steps would count 2 (Lightning issue #17958, lightning-notes §1).
+        adamw.step()
+        muon.optimizer.step()
+        self.gpt.zero_grad(set_to_none=True)
+        self.log_dict({"train/lrm": lrm, "train/muon_momentum": momentum}, on_step=True, on_epoch=False)
+        return {"loss": total / self.grad_accum_steps}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"]
+        if not torch.isfinite(loss):
+            raise NanolitError(f"training loss is {loss.item()} at step {self.global_step - 1}; the run stopped and "
+                               f"the last good checkpoint is kept: resume from it with a lower LR or check the data")
+
+    # ------------------------------------------------------------------------------------------ plan
+    def training_plan(self) -> dict[str, str]:
+        """The derived batch math, horizon, LRs and FLOPs, shown at the start of a run (rank zero)."""
+        hp = self.hparams
+        n_params = self.gpt.num_params()
+        tokens = hp.total_batch_size * self.num_iterations
+        plan = {
+            "model": f"d{hp.depth}: {self.gpt.config.n_layer} layers, width {self.gpt.config.n_embd}, "
+                     f"{self.gpt.config.n_head} heads, vocab {self.gpt.config.vocab_size:,}",
+            "parameters": f"{n_params:,}",
+            "FLOPs per token": f"{self.flops_per_token:e}",
+            "world size": str(self.trainer.world_size),
+            "batch": f"{hp.device_batch_size} x {hp.max_seq_len} tokens per device x {self.grad_accum_steps} "
+                     f"accumulation x {self.trainer.world_size} devices = {hp.total_batch_size:,} tokens/step",
+            "iterations": f"{self.num_iterations:,} (from {self.horizon_source})",
+            "training tokens": f"{tokens:,}",
+            "tokens : params": f"{tokens / n_params:.2f}",
+            "total FLOPs": f"{self.flops_per_token * tokens:e}",
+            "LR schedule": f"warmup {hp.warmup_ratio:g}, constant, warmdown {hp.warmdown_ratio:g} "
+                           f"to {hp.final_lr_frac:g}x; Muon momentum 0.85 -> 0.95 over 300 steps",
+            "grad clip": f"{hp.grad_clip:g}" if hp.grad_clip > 0 else "off",
+            "precision": str(self.trainer.precision),
+        }
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                plan[f"lr {type(opt).__name__}/{group['name']}"] = f"{group['initial_lr']:.6g}"
+        return plan
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            print_plan(self.training_plan(), self.trainer)
+
+
+def print_plan(plan: dict[str, str], trainer: L.Trainer) -> None:
+    """Print the plan as a rich table (plain text when rich cannot render), plus where outputs go."""
+    plan = dict(plan)
+    plan["logs"] = str(trainer.log_dir)
+    ckpt = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if ckpt:
+        plan["checkpoints"] = str(ckpt)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is a dependency, but the plan must never be what breaks a run
+        rank_zero_info("\n".join(f"{k}: {v}" for k, v in plan.items()))
+        return
+    table = Table(title="nanolit training plan", show_header=False)
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in plan.items():
+        table.add_row(key, value)
+    Console().print(table)
+
+
+__all__ = ["GPTModule", "resolve_num_iterations", "print_plan"]

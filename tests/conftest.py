@@ -1,0 +1,37 @@
+"""Shared test fixtures: paths to ../shared (real nanochat outputs) and small helpers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NANOLIT_SHARED", ROOT.parent / "shared"))
+FIXTURE_D2 = SHARED / "fixtures" / "nanochat_d2"
+EVAL_BUNDLE = SHARED / "data" / "eval_bundle"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def nanochat_d2() -> Path:
+    """The real nanochat d2 checkpoint folder (model_000050.pt, meta, tokenizer/, base_data/, expected.json)."""
+    if not (FIXTURE_D2 / "expected.json").exists():
+        pytest.skip(f"nanochat fixture not found at {FIXTURE_D2} (set NANOLIT_SHARED)")
+    return FIXTURE_D2
+
+
+@pytest.fixture(scope="session")
+def expected_d2(nanochat_d2) -> dict:
+    return json.loads((nanochat_d2 / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def eval_bundle() -> Path:
+    """The real CORE eval bundle (18 of 22 tasks)."""
+    if not (EVAL_BUNDLE / "core.yaml").exists():
+        pytest.skip(f"CORE eval bundle not found at {EVAL_BUNDLE} (set NANOLIT_SHARED)")
+    return EVAL_BUNDLE
