@@ -22,12 +22,12 @@ calls them (except sampling, rank zero alone) because they run collectives; prin
 rank zero. Each keeps what a resumed run needs in its ``state_dict``.
 """
 from nanolit.callbacks.bpb import BitsPerByte, BPBValidation
+from nanolit.callbacks.checkpoint import StepCheckpoint
 from nanolit.callbacks.core import COREEvaluation
 from nanolit.callbacks.ema_loss import EMALossLogger
 from nanolit.callbacks.periodic import PeriodicEvaluation
 from nanolit.callbacks.report import ReportWriter
 from nanolit.callbacks.sampling import NANOCHAT_PROMPTS, Sampler
-from nanolit.callbacks.checkpoint import StepCheckpoint
 from nanolit.callbacks.throughput import PEAK_BF16_FLOPS, TokenThroughputMonitor, peak_bf16_flops
 
 __all__ = [

@@ -30,7 +30,8 @@ class EMALossLogger(L.Callback):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise NanolitError(f"EMA beta must be a number in [0, 1), got {beta!r}")
         if isinstance(debias_offset, bool) or not isinstance(debias_offset, int) or debias_offset < 0:
-            raise NanolitError(f"debias_offset must be a whole number >= 0 (0 as base_train, 1 as mid_train), got {debias_offset!r}")
+            raise NanolitError(f"debias_offset must be a whole number >= 0 (0 as base_train, 1 as mid_train), "
+                               f"got {debias_offset!r}")
         self.beta = float(beta)
         self.debias_offset = debias_offset
         self.smooth = 0.0  # nanochat's smooth_train_loss, not debiased

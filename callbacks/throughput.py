@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
@@ -100,25 +100,24 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self._eval_start = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
         for name in ("tokens_per_step", "flops_per_token"):
             if not isinstance(getattr(pl_module, name, None), (int, float)):
                 raise NanolitError(f"TokenThroughputMonitor needs {type(pl_module).__name__}.{name} (a number); "
                                    "add it or remove the callback")
-        self.available_flops = self._peak(trainer)
+        peak = self.peak_flops if self.peak_flops is not None else self._table_peak(trainer.strategy.root_device)
+        with warnings.catch_warnings():
+            if peak is not None:
+                # Lightning's lookup warns about GPUs it lacks (a plain "NVIDIA H200"); the peak is known here.
+                warnings.filterwarnings("ignore", message=".*FLOPs not found.*")
+            super().setup(trainer, pl_module, stage)
+        # Otherwise Lightning's table for the trainer's precision: None on CPU and MPS, so no MFU there.
+        self.available_flops = peak if peak is not None else self.available_flops
         for throughput in self._throughputs.values():
             throughput.available_flops = self.available_flops
 
-    def _peak(self, trainer: L.Trainer) -> float | None:
-        if self.peak_flops is not None:
-            return self.peak_flops
-        device = trainer.strategy.root_device
-        if device.type == "cuda":
-            peak = peak_bf16_flops(torch.cuda.get_device_name(device))
-            if peak is not None:
-                return peak
-        # Lightning's table (it warns for unknown GPUs); None on CPU and MPS.
-        return self.available_flops if device.type == "cuda" else None
+    @staticmethod
+    def _table_peak(device: torch.device) -> float | None:
+        return peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     @staticmethod
     def _eval_seconds(trainer: L.Trainer) -> float:

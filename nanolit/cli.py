@@ -25,7 +25,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``nanolit`` console script, ``python -m nanolit`` and the root ``cli.py``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        if argv and argv[0] in TOOLS:
+        first = argv[2:3] if argv[:1] == ["--base_dir"] else argv[:1]  # `nanolit --base_dir X data ...`
+        if first and first[0] in TOOLS:
             run_tool(argv)
         else:
             run_lightning_cli(None if args is None else argv)

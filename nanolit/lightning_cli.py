@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
                                TokenThroughputMonitor)
+from nanolit.callbacks.progress import NanoProgressBar
 from nanolit.common import NanolitError
 from nanolit.data.datamodule import BaseDataModule
 from nanolit.module import GPTModule
@@ -65,7 +66,9 @@ class NanoCLI(LightningCLI):
         if ckpt.dirpath is None:  # a fixed folder, so `--ckpt_path last` finds it on relaunch
             ckpt.dirpath = str(root / "checkpoints")
         defaults = [EMALossLogger(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
-                    RichProgressBar(leave=True), ReportWriter()]
+                    ReportWriter()]
+        if trainer_config.get("enable_progress_bar", True) is not False:
+            defaults.append(NanoProgressBar())
         kwargs.setdefault("callbacks", list(trainer_config.get("callbacks") or []) + defaults)
         if trainer_config.get("logger") in (None, True):  # the user's own logger choice wins
             kwargs.setdefault("logger", self._default_loggers(root, self._get(self.config_init, "run")))

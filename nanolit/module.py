@@ -9,13 +9,16 @@ progress bar) therefore counts optimizer steps, as nanochat's ``step`` does.
 from __future__ import annotations
 
 import contextlib
+import math
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from nanolit.common import NanolitError
+from nanolit.checkpoint import save_nanochat
+from nanolit.common import NanolitError, get_base_dir
 from nanolit.data.loader import grad_accum_steps
 from nanolit.model import GPT, GPTConfig
 from nanolit.optim import build_optimizers
@@ -52,6 +55,8 @@ class GPTModule(L.LightningModule):
         compile: ``torch.compile`` the GPT for training; ``None`` means on CUDA only.
         vocab_size: taken from the DataModule's tokenizer when ``None`` (the CLI links it).
         seed: the weight-init seed (nanochat: 42 on every rank).
+        model_tag: nanochat's output folder name; the final model is exported in nanochat's format to
+            ``<base_dir>/base_checkpoints/<model_tag or d{depth}>/`` (``export=False`` skips it).
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class GPTModule(L.LightningModule):
         compile: bool | None = None,
         vocab_size: int | None = None,
         seed: int = 42,
+        model_tag: str = "",
+        export: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -182,6 +189,10 @@ class GPTModule(L.LightningModule):
         """Greedy continuation with the KV cache (protocol for the sampling callback)."""
         return list(self.eval_model.generate(tokens, max_tokens, temperature=0.0))
 
+    def inputs_and_targets(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` from one micro-batch of ``T+1``-token rows; the mid-training module decodes masked targets."""
+        return tokens[:, :-1], tokens[:, 1:]
+
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         adamw, muon = self.optimizers()
         step = self.global_step  # optimizer steps completed before this one == nanochat's `step`
@@ -191,7 +202,7 @@ class GPTModule(L.LightningModule):
         strategy = self.trainer.strategy
         total = torch.zeros((), device=batch.device)
         for i in range(self.grad_accum_steps):
-            x, y = batch[i, :, :-1], batch[i, :, 1:]
+            x, y = self.inputs_and_targets(batch[i])
             loss = self.train_model(x, y)
             last = i == self.grad_accum_steps - 1
             # skip the DDP all-reduce on every micro-step but the last (lightning-notes §1)
@@ -226,6 +237,53 @@ class GPTModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise NanolitError(f"training loss is {loss.item()} at step {self.global_step - 1}; the run stopped and "
                                f"the last good checkpoint is kept: resume from it with a lower LR or check the data")
+
+    # ---------------------------------------------------------------------------------------- export
+    def on_train_end(self) -> None:
+        # Runs after the callbacks' final evaluations, so the meta holds the final val bpb like nanochat's.
+        # The final Lightning checkpoint was already written at the last step, before CORE and sampling.
+        if self.hparams.export:
+            self.export_nanochat(self.export_dir())
+
+    def export_dir(self) -> Path:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        base = get_base_dir(getattr(datamodule, "base_dir", None))
+        return base / "base_checkpoints" / (self.hparams.model_tag or f"d{self.hparams.depth}")
+
+    def loop_state(self) -> dict:
+        """nanochat's meta ``loop_state`` and ``val_bpb``, read from the callbacks that track them."""
+        state = {"min_val_bpb": math.inf, "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
+        for cb in self.trainer.callbacks:
+            if hasattr(cb, "min_val_bpb"):
+                state["min_val_bpb"], state["val_bpb"] = cb.min_val_bpb, cb.last_val_bpb
+            if hasattr(cb, "smooth") and hasattr(cb, "beta"):
+                state["smooth_train_loss"] = cb.smooth
+            if hasattr(cb, "total_training_time"):
+                state["total_training_time"] = cb.total_training_time
+        return state
+
+    def export_nanochat(self, ckpt_dir: Path) -> None:
+        """Write ``model_/meta_/optim_`` files in nanochat's layout (spec §4.14); collective, call on all ranks."""
+        step = self.global_step
+        loop = self.loop_state()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader = (datamodule.state_dict().get("train_loader") or [{}])[0] if datamodule is not None else {}
+        meta = {
+            "step": step,
+            "val_bpb": loop.pop("val_bpb"),
+            "model_config": self.gpt.config.to_dict(),
+            "user_config": {k: v for k, v in self.hparams.items() if not k.startswith("_")},  # no CLI internals
+            "device_batch_size": self.hparams.device_batch_size,
+            "max_seq_len": self.hparams.max_seq_len,
+            "dataloader_state_dict": dict(loader),  # pq_idx, rg_idx (+ nanolit's exact position)
+            "loop_state": loop,
+        }
+        optimizers = [opt.optimizer if hasattr(opt, "optimizer") else opt for opt in self.trainer.optimizers]
+        # rank 0 writes model + meta, every rank its optimizer file (nanochat's layout)
+        save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=self.trainer.global_rank)
+        self.trainer.strategy.barrier("export_nanochat")
+        if self.trainer.is_global_zero:
+            rank_zero_info(f"exported the final model in nanochat's format to {ckpt_dir}")
 
     # ------------------------------------------------------------------------------------------ plan
     def training_plan(self) -> dict[str, str]:

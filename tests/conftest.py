@@ -35,3 +35,27 @@ def eval_bundle() -> Path:
     if not (EVAL_BUNDLE / "core.yaml").exists():
         pytest.skip(f"CORE eval bundle not found at {EVAL_BUNDLE} (set NANOLIT_SHARED)")
     return EVAL_BUNDLE
+
+
+def make_base_dir(root: Path, tokenizer_dir: Path, num_docs: int = 400, chars_per_shard: int = 20_000) -> Path:
+    """A nanochat-layout base dir: a copy of ``tokenizer_dir`` and shards of real text from the fixture's val shard."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from nanolit.data.shards import write_shards_from_text
+
+    base = root / "base"
+    shutil.copytree(tokenizer_dir, base / "tokenizer")
+    texts = pq.read_table(FIXTURE_D2 / "base_data" / "shard_00004.parquet").column("text").to_pylist()
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (texts * 4)[:num_docs]))
+    write_shards_from_text([corpus], base / "base_data", chars_per_shard=chars_per_shard, row_group_size=64,
+                           val_fraction=0.1)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, nanochat_d2) -> Path:
+    """Shards + the fixture's 4096-token tokenizer, shared (read-only) by the end-to-end tests."""
+    return make_base_dir(tmp_path_factory.mktemp("tiny"), nanochat_d2 / "tokenizer")

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_cb_toys import make_trainer, toy_pair
+from test_cb_toys import ToyModule, make_trainer, toy_pair
 
 from nanolit.callbacks import EMALossLogger
 from nanolit.common import NanolitError
@@ -51,11 +51,35 @@ def test_logs_debiased_and_raw_loss_each_step(tmp_path):
     assert ema.smooth_loss == pytest.approx(float(rows[-1]["train/loss"]), rel=1e-6)
 
 
+class NoLastLossModule(ToyModule):
+    """A module that only returns ``{"loss": ...}``: the callback falls back to it."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.last_train_loss = None
+        self.returned.append(out["loss"].item())
+        return out
+
+
+def test_falls_back_to_the_returned_loss(tmp_path):
+    _, data = toy_pair()
+    module = NoLastLossModule(data.tokenizer.get_vocab_size())
+    module.returned = []
+    ema = EMALossLogger()
+    make_trainer(tmp_path, [ema], max_steps=3).fit(module, datamodule=data)
+    assert ema.last_loss == pytest.approx(module.returned[-1])
+    expected = EMALossLogger()
+    for step, loss in enumerate(module.returned):
+        expected.update(loss, step)
+    assert ema.smooth_loss == pytest.approx(expected.smooth_loss)
+
+
 def test_state_survives_resume_exactly(tmp_path):
     full_ema = EMALossLogger()
     module, data = toy_pair()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    make_trainer(tmp_path / "full", [full_ema, ckpt], max_steps=8, enable_checkpointing=True).fit(module, datamodule=data)
+    trainer = make_trainer(tmp_path / "full", [full_ema, ckpt], max_steps=8, enable_checkpointing=True)
+    trainer.fit(module, datamodule=data)
 
     resumed_ema = EMALossLogger()
     module, data = toy_pair()

@@ -1,0 +1,93 @@
+"""The DDP-equivalence run for tests/test_ddp.py: ``GPTModule`` on synthetic token batches, on 1 or 2 CPU processes.
+
+    python tests/_ddp_script.py OUT_DIR DEVICES
+
+With 2 devices Lightning's own launcher starts the second process (DDP over gloo). Each optimizer step has one
+global batch of ``world_size * A`` micro-batches, and rank r takes micro-batches ``r*A .. r*A + A - 1``. So one
+process with A = 4 and two processes with A = 2 see the same tokens at every step, and their losses and weights
+must agree. Rank zero writes ``OUT_DIR/result.pt``: the per-step loss (averaged over ranks), the final GPT
+weights, and, for each gradient all-reduce, how many backward passes the rank had run by then.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from nanolit.callbacks import StepCheckpoint
+from nanolit.module import GPTModule
+
+VOCAB, B, T, STEPS = 256, 2, 16, 6
+GLOBAL_MICRO_BATCHES = 4  # total_batch_size = 4 * B * T tokens per step, whatever the world size
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """Step ``step``'s ``[4, B, T+1]`` tokens: arithmetic sequences mod VOCAB, so there is something to learn."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    start = torch.randint(VOCAB, (GLOBAL_MICRO_BATCHES, B, 1), generator=gen)
+    stride = torch.randint(1, 8, (GLOBAL_MICRO_BATCHES, B, 1), generator=gen)
+    return (start + stride * torch.arange(T + 1)) % VOCAB
+
+
+class RankSlices(L.LightningDataModule):
+    """This rank's share of every global batch."""
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        per_rank = GLOBAL_MICRO_BATCHES // world
+        return [global_batch(s)[rank * per_rank:(rank + 1) * per_rank] for s in range(STEPS)]
+
+
+class CountingGPTModule(GPTModule):
+    """``GPTModule`` that counts its backward passes, so the all-reduce hook can say after which one it ran."""
+
+    backward_calls = 0
+
+    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        self.backward_calls += 1
+        super().manual_backward(loss, *args, **kwargs)
+
+
+class Record(L.Callback):
+    """Per-step mean loss over ranks, and the backward count at every gradient all-reduce (a DDP comm hook)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.synced_after: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning registers comm hooks on CUDA only; on CPU the DDP wrapper takes one directly.
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model.register_comm_hook(pl_module, self._hook)
+
+    def _hook(self, module: CountingGPTModule, bucket):
+        self.synced_after.append(module.backward_calls)
+        return allreduce_hook(None, bucket)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
+
+
+def main(out_dir: Path, devices: int) -> None:
+    torch.set_num_threads(1)  # two processes share the machine's cores
+    module = CountingGPTModule(depth=1, max_seq_len=T, device_batch_size=B,
+                               total_batch_size=GLOBAL_MICRO_BATCHES * B * T, num_iterations=STEPS,
+                               vocab_size=VOCAB, compile=False, export=False)
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=out_dir,
+                        callbacks=[record, StepCheckpoint(dirpath=str(out_dir / "checkpoints"), save_every=3)])
+    trainer.fit(module, datamodule=RankSlices())
+    if trainer.is_global_zero:
+        torch.save({"world_size": trainer.world_size, "grad_accum_steps": module.grad_accum_steps,
+                    "losses": record.losses, "synced_after": record.synced_after,
+                    "weights": module.gpt.state_dict()}, out_dir / "result.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
