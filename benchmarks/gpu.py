@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from nanolit.callbacks.throughput import peak_bf16_flops
+from nanolit.common import autocast_context, synchronize
 from nanolit.model import GPTConfig, build_gpt
 from nanolit.optim import build_optimizers
 from nanolit.schedules import lr_multiplier, muon_momentum
@@ -44,8 +45,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--no-compile", action="store_true", help="eager model (Newton-Schulz stays compiled on CUDA)")
     p.add_argument("--budget", type=float, default=0.0, help="skip the remaining depths after this many seconds")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (fp32, no MFU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
+
+
+def _mark(device: torch.device):
+    """A point in the device's timeline: a recorded CUDA event (no host sync), or the host clock elsewhere."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _ms(start, end) -> float:
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1000
 
 
 def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -56,20 +71,21 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
         raise SystemExit(f"--total-batch-size {total} is not a multiple of B*T = {B * T}")
     accum = total // (B * T)
     config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=T)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_gpt(config, device)
     train_model = model if args.no_compile else torch.compile(model, dynamic=False)  # as GPTModule.configure_model
     adamw, muon = build_optimizers(model)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (accum, B, T + 1), device=device, generator=gen) for _ in range(2)]
     num_steps = args.warmup + args.steps
-    events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(args.steps)]
+    marks: list[list] = []  # per timed step: before AdamW, between AdamW and Muon, after Muon
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
         for a in range(accum):
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            with autocast_context(device):
                 loss = train_model(batch[a, :, :-1], batch[a, :, 1:])
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,37 +95,35 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
                 group["lr"] = group["initial_lr"] * lrm
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(i)
-        timed = events[i - args.warmup] if i >= args.warmup else None
-        if timed:
-            timed[0].record()
+        timed = i >= args.warmup
+        before = _mark(device) if timed else None
         adamw.step()
-        if timed:
-            timed[1].record()
+        between = _mark(device) if timed else None
         muon.step()
         if timed:
-            timed[2].record()
+            marks.append([before, between, _mark(device)])
         model.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
     for i in range(args.warmup):
         step(i)
-    torch.cuda.synchronize(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(args.warmup, num_steps):
         step(i)
-    torch.cuda.synchronize(device)
+    synchronize(device)
     dt = (time.perf_counter() - t0) / args.steps
-    adamw_ms = sum(e[0].elapsed_time(e[1]) for e in events) / args.steps
-    muon_ms = sum(e[1].elapsed_time(e[2]) for e in events) / args.steps
+    adamw_ms = sum(_ms(m[0], m[1]) for m in marks) / args.steps
+    muon_ms = sum(_ms(m[1], m[2]) for m in marks) / args.steps
     flops_per_token = model.estimate_flops()
-    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) or H100_PEAK
+    peak = (peak_bf16_flops(torch.cuda.get_device_name(device)) or H100_PEAK) if device.type == "cuda" else None
     result = {
         "depth": depth, "params": model.num_params(), "flops_per_token": flops_per_token,
         "device_batch_size": B, "seq_len": T, "grad_accum": accum, "tokens_per_step": total,
         "compiled": not args.no_compile, "warmup_s": round(warmup_s, 1), "step_ms": round(dt * 1000, 2),
-        "tok_per_sec": int(total / dt), "mfu_pct": round(100 * flops_per_token * total / dt / peak, 2),
-        "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20),
+        "tok_per_sec": int(total / dt), "mfu_pct": round(100 * flops_per_token * total / dt / peak, 2) if peak else None,
+        "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == "cuda" else None,
         "muon_ms": round(muon_ms, 2), "muon_share_pct": round(100 * muon_ms / (dt * 1000), 2),
         "adamw_ms": round(adamw_ms, 2),
     }
@@ -119,23 +133,31 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as nanochat (spec §1.9)
-    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (fp32, no MFU: smoke runs only)"
+    print(f"# {name}, torch {torch.__version__}")
     start, results = time.perf_counter(), []
     for depth in args.depths:
         if args.budget and time.perf_counter() - start > args.budget:
             print(json.dumps({"depth": depth, "skipped": f"--budget {args.budget:g}s spent"}))
             continue
-        try:
-            result = bench_depth(depth, args, device)
-        except torch.cuda.OutOfMemoryError:
-            result = {"depth": depth, "device_batch_size": args.device_batch_size, "oom": True}
-        torch._dynamo.reset()  # each depth compiles its own graphs; drop the last one's
-        results.append(result)
-        print(json.dumps(result), flush=True)
+        B = args.device_batch_size
+        while B >= 1:
+            # nanochat's remedy for a model that does not fit: halve device_batch_size, keep the tokens per step
+            try:
+                result = bench_depth(depth, argparse.Namespace(**{**vars(args), "device_batch_size": B,
+                                                                  "total_batch_size": args.total_batch_size
+                                                                  or args.device_batch_size * args.seq_len}),
+                                     device)
+            except torch.OutOfMemoryError:
+                result = {"depth": depth, "device_batch_size": B, "oom": True}
+            torch._dynamo.reset()  # each depth compiles its own graphs; drop the last one's
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            if not result.get("oom"):
+                break
+            B //= 2
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results

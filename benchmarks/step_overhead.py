@@ -4,8 +4,8 @@ Both train the same GPT on the same tokens with the same config:
 
 (a) ``GPTModule`` + ``BaseDataModule`` under a ``Trainer`` configured as ``nanolit fit`` configures it
     (``NanoCLI``): its trainer defaults, a CSV logger, and every default callback it installs (the evaluation
-    groups ``bpb``/``core``/``sample``/``checkpoint`` plus EMA loss, throughput, LR monitor, rich progress bar
-    and report). The evaluations are set to never fire (``-1``): their work is nanochat's too, not a tax.
+    groups ``bpb``/``core``/``sample``/``checkpoint`` plus EMA loss, throughput, LR monitor, report and the
+    progress bar). The evaluations are set to never fire (``-1``): their work is nanochat's too, not a tax.
 (b) a hand-written loop: ``TrainTokenStream`` -> forward/backward per micro-batch -> clip -> LR and momentum ->
     AdamW, Muon -> ``zero_grad``; no logging and no host syncs at all, so it is the cheapest way to do the math.
 
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
 from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
                                TokenThroughputMonitor)
+from nanolit.callbacks.progress import NanoProgressBar
 from nanolit.common import autocast_context, synchronize
 from nanolit.data.corpus import write_default_corpus
 from nanolit.data.datamodule import BaseDataModule
@@ -113,7 +114,7 @@ def cli_callbacks(ckpt_dir: Path) -> list[L.Callback]:
     groups = [BPBValidation(eval_every=-1), COREEvaluation(core_metric_every=-1), Sampler(sample_every=-1),
               StepCheckpoint(dirpath=str(ckpt_dir))]
     defaults = [EMALossLogger(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
-                RichProgressBar(leave=True), ReportWriter()]
+                ReportWriter(), NanoProgressBar()]
     return groups + defaults
 
 

@@ -139,10 +139,11 @@ class ReportWriter(L.Callback):
         print(f"Report written to {path}")
 
     def _config(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        config = {f"model.{k}": v for k, v in pl_module.hparams.items()}
+        # keys starting with "_" are LightningCLI's bookkeeping (_class_path, _instantiator), not settings
+        config = {f"model.{k}": v for k, v in pl_module.hparams.items() if not k.startswith("_")}
         datamodule = trainer.datamodule
         if datamodule is not None:
-            config.update({f"data.{k}": v for k, v in datamodule.hparams.items()})
+            config.update({f"data.{k}": v for k, v in datamodule.hparams.items() if not k.startswith("_")})
         config.update({"trainer.max_steps": trainer.max_steps, "trainer.precision": trainer.precision,
                        "trainer.accelerator": type(trainer.accelerator).__name__,
                        "trainer.num_devices": trainer.num_devices, "trainer.num_nodes": trainer.num_nodes})

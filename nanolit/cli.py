@@ -97,9 +97,7 @@ def run_tool(argv: list[str]) -> None:
 
         quickstart(Path(ns.out), ns.extra)
         return
-    if ns.base_dir is not None and not Path(ns.base_dir).expanduser().is_dir() and ns.tool != "data":
-        raise NanolitError(f"base dir {ns.base_dir} does not exist; create it or fix --base_dir")
-    base = get_base_dir(ns.base_dir)
+    base = get_base_dir(ns.base_dir, create=ns.tool == "data")  # only the data tools start a new base dir
     handler = {("data", "download"): _data_download, ("data", "from-text"): _data_from_text,
                ("tokenizer", "train"): _tokenizer_train, ("tokenizer", "eval"): _tokenizer_eval,
                ("eval", "core"): _eval_core, ("eval", "download-core"): _eval_download_core}

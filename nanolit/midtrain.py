@@ -47,8 +47,9 @@ class MidModule(GPTModule):
             largest ``d<N>``. The output folder is always ``d{depth}`` (§5.8).
         step: the checkpoint step in a nanochat folder; ``None`` takes the last one.
         dtype: ``"bfloat16"`` or ``"float32"``; must agree with ``trainer.precision`` (module docstring).
-        num_iterations: stop after this many steps; -1 trains one epoch of the mixture. Same knob as
-            ``MidDataModule.num_iterations`` (set either one; both set must agree).
+        num_iterations: -1 trains one epoch of the mixture; ``N > 0`` stops when the stream reaches step ``N``,
+            which trains ``N - 1`` steps, as nanochat (§5.5). Same knob as ``MidDataModule.num_iterations`` (set
+            either one; both set must agree).
         max_seq_len, device_batch_size, total_batch_size: batch math, as base training (linked into the data).
         unembedding_lr, embedding_lr, matrix_lr, weight_decay: optimizer knobs (§1.13).
         init_lr_frac: scales every group's LR at the start.
@@ -86,7 +87,7 @@ class MidModule(GPTModule):
                          init_lr_frac=init_lr_frac, compile=compile, vocab_size=vocab_size)
         # Only mid's own knobs are hyperparameters (base-only ones such as warmup_ratio would mislead the report).
         self.save_hyperparameters()
-        self.num_iterations = num_iterations if num_iterations > 0 else -1  # the real count is set at the end
+        self.num_iterations = -1  # steps to train, when known up front; the real count is set at the end
         self.init_source = ""  # the checkpoint file the base model came from, for the plan and errors
         self._finished = False  # the DataModule signalled last_step and the run stopped on it
 
@@ -173,7 +174,10 @@ class MidModule(GPTModule):
         self._load_base()
 
     def _agree_num_iterations(self, datamodule) -> int:
-        """One step limit for the module and the DataModule (whose stream flags ``last_step`` from it)."""
+        """One step limit for the module and the DataModule (whose stream flags ``last_step`` from it).
+
+        Returns how many steps will train at most (-1: no limit but the epoch).
+        """
         ours = self.hparams.num_iterations if self.hparams.num_iterations > 0 else -1
         theirs = datamodule.num_iterations if getattr(datamodule, "num_iterations", -1) > 0 else -1
         if ours > 0 and theirs > 0 and ours != theirs:
@@ -181,7 +185,7 @@ class MidModule(GPTModule):
                                "set only one of them")
         limit = max(ours, theirs)
         datamodule.num_iterations = limit  # read when the train stream opens, after every setup hook
-        return limit
+        return limit - 1 if limit > 0 else -1  # at most this many steps train (the epoch may end first)
 
     def _check_dtype(self) -> None:
         precision = str(self.trainer.precision)
@@ -267,7 +271,9 @@ class MidModule(GPTModule):
         hp = self.hparams
         config = self.gpt.config
         world_size = self.trainer.world_size
-        horizon = f"{self.num_iterations:,} steps" if self.num_iterations > 0 else "one epoch of the train mixture"
+        horizon = "one epoch of the train mixture"
+        if self.num_iterations >= 0:
+            horizon = f"{self.num_iterations:,} steps (num_iterations={self.num_iterations + 1}) or the epoch's end"
         plan = {
             "base model": self.init_source,
             "model": f"d{config.n_layer}: {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "

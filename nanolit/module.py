@@ -314,17 +314,18 @@ class GPTModule(L.LightningModule):
         return plan
 
     def on_fit_start(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask, not only rank zero
         if self.trainer.is_global_zero:
-            print_plan(self.training_plan(), self.trainer)
+            plan = self.training_plan()
+            plan["logs"] = str(log_dir)
+            ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            if ckpt_dir:
+                plan["checkpoints"] = str(ckpt_dir)
+            print_plan(plan)
 
 
-def print_plan(plan: dict[str, str], trainer: L.Trainer) -> None:
-    """Print the plan as a rich table (plain text when rich cannot render), plus where outputs go."""
-    plan = dict(plan)
-    plan["logs"] = str(trainer.log_dir)
-    ckpt = getattr(trainer.checkpoint_callback, "dirpath", None)
-    if ckpt:
-        plan["checkpoints"] = str(ckpt)
+def print_plan(plan: dict[str, str]) -> None:
+    """Print the plan as a rich table (plain lines if rich cannot render)."""
     try:
         from rich.console import Console
         from rich.table import Table

@@ -231,3 +231,49 @@ def test_load_model_refuses_other_tokenizer(nanochat_d2, tmp_path):
     Tokenizer(enc).save(base / "tokenizer")
     with pytest.raises(NanolitError, match="265 tokens"):
         load_model("base", base_dir=base)
+
+
+# ---- the public names: load_nanochat / save_nanochat, truncated files, Lightning checkpoints ----------
+
+
+def test_save_then_load_nanochat_round_trip(nanochat_d2, tmp_path):
+    from nanolit.checkpoint import load_nanochat, save_nanochat
+    from nanolit.optim import build_optimizers
+
+    model, meta = load_nanochat(nanochat_d2)  # step=None: the largest step in the folder
+    assert meta["step"] == 50
+    optimizers = build_optimizers(model)
+    save_nanochat(model, tmp_path / "d2", 7, {"val_bpb": 1.5}, optimizers)
+    assert sorted(p.name for p in (tmp_path / "d2").iterdir()) == \
+        ["meta_000007.json", "model_000007.pt", "optim_000007_rank0.pt"]
+    again, meta2 = load_nanochat(tmp_path / "d2")
+    assert meta2["step"] == 7 and meta2["model_config"] == meta["model_config"] and meta2["val_bpb"] == 1.5
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_truncated_pt_is_a_clear_error(nanochat_d2, tmp_path):
+    from nanolit.checkpoint import load_nanochat
+
+    folder = tmp_path / "d2"
+    folder.mkdir()
+    (folder / "meta_000050.json").write_bytes((nanochat_d2 / "meta_000050.json").read_bytes())
+    (folder / "model_000050.pt").write_bytes((nanochat_d2 / "model_000050.pt").read_bytes()[:100_000])
+    with pytest.raises(NanolitError, match="truncated, corrupt or not a torch checkpoint"):
+        load_nanochat(folder)
+
+
+def test_lightning_checkpoint_loads_as_gpt(nanochat_d2, tmp_path):
+    from nanolit.checkpoint import load_lightning_checkpoint, load_nanochat
+
+    model, _ = load_nanochat(nanochat_d2)
+    ckpt = {"state_dict": {f"gpt.{k}": v for k, v in model.state_dict().items()}, "global_step": 3,
+            "hyper_parameters": {"depth": 2, "max_seq_len": 256}}
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    again, loaded = load_lightning_checkpoint(tmp_path / "x.ckpt")
+    assert loaded["global_step"] == 3
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    torch.save({"state_dict": {}}, tmp_path / "empty.ckpt")
+    with pytest.raises(NanolitError, match="no nanolit GPT"):
+        load_lightning_checkpoint(tmp_path / "empty.ckpt")

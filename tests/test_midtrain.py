@@ -135,9 +135,10 @@ def test_lr_follows_epoch_progress_and_the_epoch_ends_the_run(base, tmp_path):
 
 def test_num_iterations_stops_early_and_must_agree_with_the_data(base, tmp_path):
     rec = Recorder()
-    _, trainer = fit(base, tmp_path, [rec], num_iterations=3)
-    assert trainer.global_step == len(rec.steps) == 3
-    assert [s["progress"] for s in rec.steps] == pytest.approx([2 / 3, 1.0, 1.0])  # it / N after the look-ahead
+    module, trainer = fit(base, tmp_path, [rec], num_iterations=4)
+    # nanochat flags last_step when its loader yields step N, so N - 1 steps train (spec §5.5, §5.7)
+    assert trainer.global_step == len(rec.steps) == module.num_iterations == 3
+    assert [s["progress"] for s in rec.steps] == pytest.approx([2 / 4, 3 / 4, 4 / 4])  # it / N after the look-ahead
     with pytest.raises(NanolitError, match="disagree"):
         fit(base, tmp_path, num_iterations=3, data={"num_iterations": 4})
 
