@@ -12,7 +12,6 @@ A ``NanolitError`` (bad input) prints one line naming the problem and the fix an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -5,8 +5,13 @@ Plain Python/torch only: every layer may import this module.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import shutil
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -88,3 +93,26 @@ def autocast_context(device: torch.device | str):
     if torch.device(device).type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def download_file(url: str, path: str | os.PathLike, attempts: int = 5, backoff: float = 1.0) -> Path:
+    """Fetch ``url`` to ``path`` through a temporary file, retrying with exponential backoff.
+
+    Waits ``backoff * 2**attempt`` s between tries (nanochat retries 5 times). A 4xx answer other than a
+    timeout or rate limit is final (a missing shard will not appear on retry).
+    """
+    path = Path(path)
+    for attempt in range(1, attempts + 1):
+        try:
+            with atomic_write(path) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, length=1 << 20)
+            return path
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code not in (408, 429) or attempt == attempts:
+                raise NanolitError(f"could not download {path.name} from {url} after {attempt} attempt(s): {e}") from None
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, truncated bodies
+            if attempt == attempts:
+                raise NanolitError(f"could not download {path.name} from {url} after {attempt} attempt(s): {e}; "
+                                   f"check the network and run the command again") from None
+        time.sleep(backoff * 2**attempt)
+    return path

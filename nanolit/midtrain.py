@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nanolit.callbacks import StepCheckpoint
-from nanolit.checkpoint import find_largest_model, find_last_step, load_lightning_checkpoint, load_nanochat, save_nanochat
+from nanolit.checkpoint import (find_largest_model, find_last_step, load_lightning_checkpoint, load_nanochat,
+                                save_nanochat)
 from nanolit.common import NanolitError, get_base_dir
 from nanolit.data.loader import grad_accum_steps
 from nanolit.data.mid import inputs_and_targets
@@ -40,16 +41,18 @@ DTYPES = ("bfloat16", "float32")
 class MidModule(GPTModule):
     """nanochat mid-training. Every ``__init__`` argument is a mid_train knob with its name and default (§5.1).
 
+    mid_train's ``num_iterations`` is the DataModule's (``--data.num_iterations``), whose stream flags ``last_step``
+    from it: -1 trains one epoch; ``N > 0`` stops when the stream reaches step ``N``, so ``N - 1`` steps train, as in
+    nanochat (§5.5). One knob in one place: Lightning refuses to log a key the module and DataModule both hold
+    with different values.
+
     Args:
         init_from: the base model: a nanolit Lightning ``.ckpt`` or a nanochat checkpoint folder. ``None``:
             ``<base_dir>/base_checkpoints/<model_tag>/`` (``base_dir`` is the DataModule's).
-        model_tag: the folder under ``base_checkpoints/`` when ``init_from`` is ``None``; ``None`` takes the
-            largest ``d<N>``. The output folder is always ``d{depth}`` (§5.8).
+        model_tag: the folder under ``base_checkpoints/`` when ``init_from`` is ``None``; ``None`` (or ``""``)
+            takes the largest ``d<N>``. The output folder is always ``d{depth}`` (§5.8).
         step: the checkpoint step in a nanochat folder; ``None`` takes the last one.
         dtype: ``"bfloat16"`` or ``"float32"``; must agree with ``trainer.precision`` (module docstring).
-        num_iterations: -1 trains one epoch of the mixture; ``N > 0`` stops when the stream reaches step ``N``,
-            which trains ``N - 1`` steps, as nanochat (§5.5). Same knob as ``MidDataModule.num_iterations`` (set
-            either one; both set must agree).
         max_seq_len, device_batch_size, total_batch_size: batch math, as base training (linked into the data).
         unembedding_lr, embedding_lr, matrix_lr, weight_decay: optimizer knobs (§1.13).
         init_lr_frac: scales every group's LR at the start.
@@ -65,7 +68,6 @@ class MidModule(GPTModule):
         model_tag: str | None = None,
         step: int | None = None,
         dtype: str = "bfloat16",
-        num_iterations: int = -1,
         max_seq_len: int = 2048,
         device_batch_size: int = 32,
         unembedding_lr: float = 0.004,
@@ -100,7 +102,7 @@ class MidModule(GPTModule):
             checkpoints = get_base_dir(getattr(datamodule, "base_dir", None)) / "base_checkpoints"
             folder = checkpoints / (hp.model_tag or find_largest_model(checkpoints))
         else:
-            if hp.model_tag is not None:
+            if hp.model_tag:
                 raise NanolitError(f"model_tag={hp.model_tag!r} picks a folder under base_checkpoints/ but "
                                    f"init_from={hp.init_from} is given; drop one of them")
             folder = Path(hp.init_from).expanduser()
@@ -167,25 +169,12 @@ class MidModule(GPTModule):
         self._check_dtype()
         if self.trainer.max_steps not in (-1, None):
             raise NanolitError(f"trainer.max_steps={self.trainer.max_steps} is not used by mid-training: the epoch "
-                               "ends the run; drop it or set --model.num_iterations")
-        self.num_iterations = self._agree_num_iterations(datamodule)
+                               "ends the run; drop it or set --data.num_iterations")
+        limit = getattr(datamodule, "num_iterations", -1)
+        self.num_iterations = limit - 1 if limit > 0 else -1  # at most this many steps train (the epoch may end first)
         self.grad_accum_steps = grad_accum_steps(hp.total_batch_size, hp.device_batch_size, hp.max_seq_len,
                                                  self.trainer.world_size)
         self._load_base()
-
-    def _agree_num_iterations(self, datamodule) -> int:
-        """One step limit for the module and the DataModule (whose stream flags ``last_step`` from it).
-
-        Returns how many steps will train at most (-1: no limit but the epoch).
-        """
-        ours = self.hparams.num_iterations if self.hparams.num_iterations > 0 else -1
-        theirs = datamodule.num_iterations if getattr(datamodule, "num_iterations", -1) > 0 else -1
-        if ours > 0 and theirs > 0 and ours != theirs:
-            raise NanolitError(f"--model.num_iterations={ours} and --data.num_iterations={theirs} disagree; "
-                               "set only one of them")
-        limit = max(ours, theirs)
-        datamodule.num_iterations = limit  # read when the train stream opens, after every setup hook
-        return limit - 1 if limit > 0 else -1  # at most this many steps train (the epoch may end first)
 
     def _check_dtype(self) -> None:
         precision = str(self.trainer.precision)

@@ -361,9 +361,8 @@ def build_sharded_optimizers(
     """
     adamw, muon = build_optimizers(model, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                    matrix_lr=matrix_lr, weight_decay=weight_decay)
-    honoured = ("lr", "betas", "eps", "weight_decay")
-    dist_adamw = DistAdamW([{k: v for k, v in group.items() if k not in adamw.defaults or k in honoured}
-                            for group in adamw.param_groups])
+    # every group key carried over, torch's switches included (fused on CUDA): an unsharded resume keeps them
+    dist_adamw = DistAdamW([{**group} for group in adamw.param_groups])
     # Muon groups by numel in set order, which depends on insertion order: feed DistMuon the same sequence
     # (model order), then check the layouts agree, since state_dict indices depend on them.
     order = {id(p): i for i, p in enumerate(model.parameters())}

@@ -7,8 +7,10 @@ torchrun, SLURM; the process group; samplers; rank-zero logging and checkpointin
 unwrapped, so gradients stay local until the optimizers reduce them; ``block_backward_sync`` becomes a no-op.
 Pattern from lightning-notes §4. DDP's own options (``find_unused_parameters``, comm hooks, ...) do not apply.
 
-Use it with sharded optimizers, e.g. ``--trainer.strategy=nanolit.strategies.NoWrapDDPStrategy``
-(or ``ddp_nowrap`` once this module is imported).
+Use it with sharded optimizers: ``--trainer.strategy.class_path=nanolit.strategies.NoWrapDDPStrategy`` (YAML:
+``strategy: {class_path: nanolit.strategies.NoWrapDDPStrategy}``), or ``--trainer.strategy=ddp_nowrap`` once this
+module is imported. A bare ``--trainer.strategy=nanolit.strategies.NoWrapDDPStrategy`` does not work: jsonargparse
+passes it on as a strategy name, which Lightning does not know.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_cb_toys import CharTokenizer, make_batches, make_trainer, reference_bpb, toy_pair
+from test_cb_toys import CharTokenizer, make_trainer, reference_bpb, toy_pair
 from torch.utils.data import DataLoader
 
 from nanolit.callbacks import BitsPerByte, BPBValidation

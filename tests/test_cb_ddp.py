@@ -12,7 +12,7 @@ import pytest
 from test_cb_core import make_bundle
 from test_cb_toys import make_trainer, toy_pair
 
-from nanolit.callbacks import BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler
+from nanolit.callbacks import BPBValidation, COREEvaluation, EMALossLogger, Sampler
 
 TESTS_DIR = Path(__file__).resolve().parent
 

@@ -78,6 +78,9 @@ def test_setup_errors(base_dir, tmp_path):
     with pytest.raises(NanolitError, match=r"total_batch_size=100 is not a multiple .* use total_batch_size=96"):
         BaseDataModule(str(base_dir), device_batch_size=2, max_seq_len=16, total_batch_size=100).setup()
     empty = tmp_path / "empty"
+    with pytest.raises(NanolitError, match="does not exist"):
+        BaseDataModule(str(empty), **SMALL).setup()
+    empty.mkdir()
     with pytest.raises(NanolitError, match=r"no parquet shards in .*base_data.*nanolit data download -n 2"):
         BaseDataModule(str(empty), **SMALL).setup()
     (empty / "base_data").mkdir()

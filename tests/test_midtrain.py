@@ -133,14 +133,12 @@ def test_lr_follows_epoch_progress_and_the_epoch_ends_the_run(base, tmp_path):
     assert module.init_source.endswith("d2/model_000007.pt")
 
 
-def test_num_iterations_stops_early_and_must_agree_with_the_data(base, tmp_path):
+def test_num_iterations_stops_early(base, tmp_path):
     rec = Recorder()
-    module, trainer = fit(base, tmp_path, [rec], num_iterations=4)
+    module, trainer = fit(base, tmp_path, [rec], data={"num_iterations": 4})
     # nanochat flags last_step when its loader yields step N, so N - 1 steps train (spec §5.5, §5.7)
     assert trainer.global_step == len(rec.steps) == module.num_iterations == 3
     assert [s["progress"] for s in rec.steps] == pytest.approx([2 / 4, 3 / 4, 4 / 4])  # it / N after the look-ahead
-    with pytest.raises(NanolitError, match="disagree"):
-        fit(base, tmp_path, num_iterations=3, data={"num_iterations": 4})
 
 
 # ------------------------------------------------------------------------------------------- the CLI run
@@ -184,7 +182,7 @@ def test_dry_run_writes_no_export_but_the_lightning_checkpoint(base, tmp_path):
     root = tmp_path / "run"
     folder = save_base(tmp_path, "mine", 1, 5)
     main(["fit", "-c", str(ROOT / "configs/mid.yaml"), f"--data.base_dir={base}", f"--model.init_from={folder}",
-          "--model.dry_run=true", "--model.num_iterations=2", f"--trainer.default_root_dir={root}", *TINY])
+          "--model.dry_run=true", "--data.num_iterations=3", f"--trainer.default_root_dir={root}", *TINY])
     assert not (base / "mid_checkpoints" / "d1").exists()
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
 
@@ -210,7 +208,7 @@ def test_init_from_a_nanolit_ckpt(base, tmp_path):
     trainer.fit(gpt_module, datamodule=FixedSteps([torch.randint(0, V, (1, B, 17))]))
     trainer.save_checkpoint(tmp_path / "base.ckpt")
     rec = Recorder()
-    module, _ = fit(base, tmp_path, [rec], init_from=str(tmp_path / "base.ckpt"), num_iterations=2)
+    module, _ = fit(base, tmp_path, [rec], init_from=str(tmp_path / "base.ckpt"), data={"num_iterations": 3})
     assert same_weights(rec.start_weights, gpt_state(gpt_module.gpt))
     assert module.init_source == str(tmp_path / "base.ckpt") and len(rec.steps) == 2
     with pytest.raises(NanolitError, match="single .ckpt"):
@@ -219,7 +217,7 @@ def test_init_from_a_nanolit_ckpt(base, tmp_path):
 
 def test_init_from_a_nanochat_folder_at_a_chosen_step(base, tmp_path):
     rec = Recorder()
-    module, _ = fit(base, tmp_path, [rec], model_tag="d2", step=3, num_iterations=1)
+    module, _ = fit(base, tmp_path, [rec], model_tag="d2", step=3, data={"num_iterations": 2})
     assert same_weights(rec.start_weights, gpt_state(load_nanochat(base / "base_checkpoints" / "d2", step=3)[0]))
     with pytest.raises(NanolitError, match="drop one of them"):
         fit(base, tmp_path, init_from=str(base / "base_checkpoints" / "d1"), model_tag="d1")
@@ -260,7 +258,7 @@ class MaskedLossCheck(L.Callback):
 
 def test_mask_user_tokens_trains_with_minus_one_targets(base, tmp_path):
     check = MaskedLossCheck()
-    fit(base, tmp_path, [check], num_iterations=3, data={"mask_user_tokens": True})
+    fit(base, tmp_path, [check], data={"num_iterations": 4, "mask_user_tokens": True})
     assert len(check.pairs) == 3
     for trained, masked, unmasked, n_ignored, n_negative_inputs in check.pairs:
         assert trained == pytest.approx(masked, rel=1e-5) and n_negative_inputs == 0
@@ -274,5 +272,5 @@ def test_dtype_must_agree_with_the_trainer_precision(base, tmp_path):
         fit(base, tmp_path, dtype="float32", precision="bf16-mixed")
     with pytest.raises(NanolitError, match="--trainer.precision bf16-mixed"):
         fit(base, tmp_path, dtype="bfloat16", precision="64-true")
-    _, trainer = fit(base, tmp_path, dtype="float32", num_iterations=1)  # fp32 everywhere, wte included
-    assert trainer.global_step == 1
+    module, trainer = fit(base, tmp_path, dtype="float32", data={"num_iterations": 2})
+    assert trainer.global_step == 1 and module.gpt.transformer.wte.weight.dtype == torch.float32

@@ -55,12 +55,18 @@ def adamw_groups(params):
 ADAMW_KW = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
 
 
+def with_initial_lr(muon):
+    for group in muon.param_groups:
+        group["initial_lr"] = group["lr"]
+    return muon
+
+
 def sharded_opts(adamw_params, muon_params):
-    return DistAdamW(adamw_groups(adamw_params), **ADAMW_KW), DistMuon(muon_params, lr=0.02)
+    return DistAdamW(adamw_groups(adamw_params), **ADAMW_KW), with_initial_lr(DistMuon(muon_params, lr=0.02))
 
 
 def single_opts(adamw_params, muon_params):
-    return torch.optim.AdamW(adamw_groups(adamw_params), **ADAMW_KW), Muon(muon_params, lr=0.02)
+    return torch.optim.AdamW(adamw_groups(adamw_params), **ADAMW_KW), with_initial_lr(Muon(muon_params, lr=0.02))
 
 
 def grad(step: int, rank: int, k: int, shape) -> torch.Tensor:
@@ -78,7 +84,7 @@ def take_step(opts, params, step: int, grad_of) -> None:
     adamw, muon = opts
     for opt in opts:
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * LRM[step] if "initial_lr" in group else 0.02 * LRM[step]
+            group["lr"] = group["initial_lr"] * LRM[step]
     for group in muon.param_groups:
         group["momentum"] = MOMENTUM[step]
     adamw.step()
@@ -151,11 +157,9 @@ def test_build_sharded_optimizers_mirrors_build_optimizers():
         assert len(ours.param_groups) == len(theirs.param_groups)
         for a, b in zip(ours.param_groups, theirs.param_groups):
             assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
-            for key in ("name", "initial_lr", "lr"):
-                assert a[key] == b[key]
-        assert ours.param_groups[0].keys() == theirs.param_groups[0].keys()
-    assert {k: sharded[0].param_groups[0][k] for k in ("betas", "eps", "weight_decay")} == dict(
-        betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+            assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+    assert {k: sharded[0].param_groups[1][k] for k in ("name", "betas", "eps", "weight_decay")} == dict(
+        name="wte", betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
 
 
 def _through_file(state: dict) -> dict:
@@ -320,7 +324,9 @@ def test_checkpoints_consolidate_and_load_on_any_world_size(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- strategy and Lightning
-def test_strategy_is_registered_and_reachable_from_the_cli():
+def test_strategy_is_registered_and_reachable_from_the_cli(monkeypatch):
+    # a bare `--trainer.strategy=nanolit.strategies.NoWrapDDPStrategy` reaches Lightning as a strategy *name*
+    # (jsonargparse tries str first), hence class_path, or the registered name once this module is imported
     import lightning.pytorch as L
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.demos.boring_classes import BoringModel
@@ -329,8 +335,9 @@ def test_strategy_is_registered_and_reachable_from_the_cli():
 
     trainer = L.Trainer(strategy="ddp_nowrap", accelerator="cpu", devices=2, logger=False)
     assert type(trainer.strategy) is NoWrapDDPStrategy
+    monkeypatch.setattr(sys, "argv", ["nanolit"])  # LightningCLI would otherwise see pytest's arguments
     cli = LightningCLI(BoringModel, run=False, args=[
-        "--trainer.strategy=nanolit.strategies.NoWrapDDPStrategy", "--trainer.accelerator=cpu",
+        "--trainer.strategy.class_path=nanolit.strategies.NoWrapDDPStrategy", "--trainer.accelerator=cpu",
         "--trainer.devices=2", "--trainer.logger=false"])
     assert type(cli.trainer.strategy) is NoWrapDDPStrategy and cli.trainer.num_devices == 2
 
@@ -405,7 +412,7 @@ SCRIPT = textwrap.dedent('''
         cls = ShardedGPTModule if sharded else GPTModule
         module = cls(depth=2, max_seq_len=T, device_batch_size=B, total_batch_size=2 * B * T, vocab_size=V,
                      num_iterations=STEPS, warmup_ratio=0.25, warmdown_ratio=0.5, final_lr_frac=0.1,
-                     grad_clip=0.0, weight_decay=0.1, compile=False)
+                     grad_clip=0.0, weight_decay=0.1, compile=False, export=False)
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=NoWrapDDPStrategy() if devices > 1 else "auto",
                             max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(root),

@@ -5,13 +5,9 @@ zstd. Files sort by name; the last one is the validation split, every other one 
 """
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanolit.common import NanolitError, atomic_write
+from nanolit.common import NanolitError, atomic_write, download_file
 
 # §10.1: karpathy/fineweb-edu-100b-shuffle on the Hugging Face hub, shards 0..1822.
 DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -140,20 +136,7 @@ def _download(url: str, path: Path, attempts: int, backoff: float) -> None:
     """Fetch ``url`` to ``path`` atomically unless a finished file is already there."""
     if path.is_file() and path.stat().st_size > 0:
         return
-    for attempt in range(1, attempts + 1):
-        try:
-            with atomic_write(path) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                while block := response.read(1 << 20):
-                    f.write(block)
-            return
-        except (OSError, http.client.HTTPException) as e:
-            # A 4xx other than timeout/rate-limit will not change on retry (e.g. a shard index that does not exist).
-            permanent = isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429)
-            if permanent or attempt == attempts:
-                raise NanolitError(
-                    f"could not download {path.name} from {url} after {attempt} attempt(s): {e}"
-                ) from None
-        time.sleep(backoff * 2**attempt)
+    download_file(url, path, attempts, backoff)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -526,7 +526,6 @@ class SpellingBee(_SpellingTask):
         word = rng.choice(self.words)
         # Mostly a letter of the word; sometimes any letter, so that zero is a possible answer.
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
-        count = word.count(letter)
         question = rng.choice(SPELLING_BEE_TEMPLATES)
         if rng.random() < 0.3:
             question = question.lower()

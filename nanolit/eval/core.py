@@ -8,13 +8,10 @@ tasks. Accuracy is centred on the random baseline and CORE is the mean of the ce
 from __future__ import annotations
 
 import csv
-import http.client
 import json
 import random
-import shutil
 import tempfile
 import time
-import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -27,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanolit.common import NanolitError, atomic_write
+from nanolit.common import NanolitError, atomic_write, download_file
 
 # spec §7.1: about 162 MB; unzips to a folder named eval_bundle/.
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -358,20 +355,6 @@ def write_core_csv(path: str | Path, results: dict) -> None:
 # -----------------------------------------------------------------------------
 # Download (spec §7.1)
 
-def _download(url: str, dest: Path, attempts: int = 5) -> None:
-    """Fetch ``url`` to ``dest`` through a temporary file, retrying with exponential backoff."""
-    for attempt in range(1, attempts + 1):
-        try:
-            with atomic_write(dest) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, length=1 << 20)
-            return
-        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, truncated bodies
-            if attempt == attempts:
-                raise NanolitError(f"could not download {url} after {attempts} attempts ({e}); check the "
-                                   f"network, or download it by hand to {dest}") from None
-            time.sleep(2 ** (attempt - 1))
-
-
 def download_core_bundle(base_dir: str | Path, url: str = EVAL_BUNDLE_URL) -> Path:
     """Make sure ``<base_dir>/eval_bundle/`` exists, downloading and unzipping ``url`` if it does not.
 
@@ -387,7 +370,7 @@ def download_core_bundle(base_dir: str | Path, url: str = EVAL_BUNDLE_URL) -> Pa
         if bundle_dir.exists():  # another process finished while we waited for the lock
             return bundle_dir
         if not zip_path.exists():
-            _download(url, zip_path)
+            download_file(url, zip_path)
         # Unzip next to the destination, then rename: readers never see a half-extracted bundle.
         with tempfile.TemporaryDirectory(dir=base_dir, prefix=".eval_bundle.") as tmp:
             try:
