@@ -26,6 +26,7 @@ from nanolit.callbacks.checkpoint import StepCheckpoint
 from nanolit.callbacks.core import COREEvaluation
 from nanolit.callbacks.ema_loss import EMALossLogger
 from nanolit.callbacks.periodic import PeriodicEvaluation
+from nanolit.callbacks.preemption import PreemptionCheckpoint
 from nanolit.callbacks.report import ReportWriter
 from nanolit.callbacks.sampling import NANOCHAT_PROMPTS, Sampler
 from nanolit.callbacks.throughput import PEAK_BF16_FLOPS, TokenThroughputMonitor, peak_bf16_flops
@@ -38,6 +39,7 @@ __all__ = [
     "NANOCHAT_PROMPTS",
     "PEAK_BF16_FLOPS",
     "PeriodicEvaluation",
+    "PreemptionCheckpoint",
     "ReportWriter",
     "Sampler",
     "StepCheckpoint",

@@ -21,8 +21,9 @@ class EMALossLogger(L.Callback):
     micro-step's loss of rank zero, not the mean) in ``training_step``; without it the step's returned
     ``{"loss": ...}`` is used. The module must not log ``train/loss`` itself.
 
-    ``smooth_loss`` (debiased) is available for progress bars and reports; the raw EMA state is checkpointed, so
-    a resumed run continues the exact same curve.
+    ``smooth_loss`` (debiased, as of the last logging step) is available for progress bars and reports; the raw
+    EMA state is checkpointed, so a resumed run continues the exact same curve. Losses are read from the device on
+    logging steps only (``log_every_n_steps``), all at once, so the callback adds no host sync to other steps.
     """
 
     def __init__(self, beta: float = 0.9, debias_offset: int = 0) -> None:
@@ -37,6 +38,7 @@ class EMALossLogger(L.Callback):
         self.smooth = 0.0  # nanochat's smooth_train_loss, not debiased
         self.smooth_loss: float | None = None  # debiased, what gets logged
         self.last_loss: float | None = None
+        self._pending: list[tuple[torch.Tensor, int]] = []  # (loss on the device, step) not yet folded in
 
     def update(self, loss: float, step: int) -> float:
         """Fold ``loss`` from optimizer step ``step`` (0-based) into the EMA; return the debiased value."""
@@ -52,13 +54,30 @@ class EMALossLogger(L.Callback):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return  # the module skipped this step (returned None): nothing to fold in
-        raw = float(loss.detach().float().item() if isinstance(loss, torch.Tensor) else loss)  # a sync, as nanochat's
         # global_step already counts the step just taken; nanochat's `step` is the index before the increment.
-        debiased = self.update(raw, trainer.global_step - 1)
-        pl_module.log("train/loss", debiased, on_step=True, on_epoch=False)
-        pl_module.log("train/loss_raw", raw, on_step=True, on_epoch=False)
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._pending.append((loss, trainer.global_step - 1))
+        # Reading a loss is a host sync; the losses wait on the device until a logging step reads them all at once
+        # (issue 7). The EMA is the same as folding each step in as it comes.
+        if trainer._logger_connector.should_update_logs:
+            self.flush()
+            pl_module.log("train/loss", self.smooth_loss, on_step=True, on_epoch=False)
+            pl_module.log("train/loss_raw", self.last_loss, on_step=True, on_epoch=False)
+
+    def flush(self) -> None:
+        """Fold the losses of the steps since the last logging step into the EMA (one host sync)."""
+        if not self._pending:
+            return
+        values = torch.stack([loss.float().reshape(()) for loss, _ in self._pending]).tolist()
+        for value, (_, step) in zip(values, self._pending):
+            self.update(value, step)
+        self._pending = []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()  # the final steps after the last logging step, for the report and the exported meta
 
     def state_dict(self) -> dict[str, Any]:
+        self.flush()  # a checkpoint holds the EMA up to its own step, so a resumed run continues it exactly
         return {"smooth": self.smooth, "smooth_loss": self.smooth_loss, "last_loss": self.last_loss}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -90,6 +90,7 @@ class ReportWriter(L.Callback):
         self.path = path
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.report_path: Path | None = Path(path) if path else None
+        self._pending_loss: list[tuple[int, Any]] = []  # (step, loss) not yet read off the device
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # trainer.log_dir is a broadcast: read it here, on every rank, never from rank zero alone.
@@ -99,12 +100,25 @@ class ReportWriter(L.Callback):
     def _record(self, name: str, step: int, value: float) -> None:
         self.series.setdefault(name, []).append((step, float(value)))
 
+    def _flush_losses(self) -> None:
+        """Record the pending train losses, reading the tensors off the device in one go (one host sync)."""
+        if not self._pending_loss:
+            return
+        tensors = [loss.float().reshape(()) for _, loss in self._pending_loss if isinstance(loss, torch.Tensor)]
+        read = iter(torch.stack(tensors).tolist() if tensors else [])
+        for step, loss in self._pending_loss:
+            self._record("train/loss", step, next(read) if isinstance(loss, torch.Tensor) else loss)
+        self._pending_loss = []
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step - 1  # the step just taken, nanochat's index
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self._record("train/loss", step, loss.item() if isinstance(loss, torch.Tensor) else loss)
+            # a per-step .item() would stop the host every step; losses are read on logging steps (issue 7)
+            self._pending_loss.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
+            if trainer._logger_connector.should_update_logs:
+                self._flush_losses()
         for i, optimizer in enumerate(trainer.optimizers):
             for j, group in enumerate(optimizer.param_groups):
                 name = f"{type(optimizer).__name__}/{group.get('name', f'group{i}.{j}')}"
@@ -114,6 +128,7 @@ class ReportWriter(L.Callback):
                     self._record(f"momentum/{name}", step, momentum)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush_losses()
         if not trainer.is_global_zero or self.report_path is None:
             return
         path = self.report_path
@@ -197,6 +212,7 @@ class ReportWriter(L.Callback):
         return "## Charts\n\n" + "\n\n".join(images)
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush_losses()
         return {"series": {name: [list(p) for p in points] for name, points in self.series.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -61,13 +61,16 @@ class TokenThroughputMonitor(ThroughputMonitor):
     Protocol: ``pl_module.tokens_per_step`` (int, global tokens per optimizer step) and
     ``pl_module.flops_per_token`` (float, forward + backward). One ``training_step`` is one optimizer step.
 
-    Every step (nanochat §4.10 step 7), with ``dt`` the step's wall time between ``on_train_batch_start`` and
-    ``on_train_batch_end``, synchronised on CUDA and MPS and minus any time the evaluation callbacks spent in
-    between (``eval_seconds``, see ``PeriodicEvaluation``): ``tok_per_sec = tokens_per_step / dt``;
+    On every logging step (``log_every_n_steps``), with ``dt`` the mean step time of the steps since the last
+    one: the wall time from ``on_train_batch_start`` of the first of them to ``on_train_batch_end`` of this one,
+    synchronised on CUDA and MPS at those two points only (a sync every step would stall the GPU, issue 7), minus
+    any time the evaluation callbacks spent in between (``eval_seconds``, see ``PeriodicEvaluation``), divided by
+    the number of steps. With ``log_every_n_steps=1`` that is nanochat's per-step ``dt`` (§4.10 step 7).
+    ``tok_per_sec = tokens_per_step / dt``;
     ``mfu = 100 * flops_per_token * tokens_per_step / dt / (peak * world_size)`` (percent), ``None`` when the
     peak is unknown (CPU, MPS, an unlisted GPU) rather than a made-up number; ``total_training_time`` adds
-    ``dt`` only for steps after ``warmup_steps`` (nanochat: ``step > 10``, leaving out compilation) and is
-    checkpointed so a resumed run continues the total; ``flops_so_far = flops_per_token * tokens_per_step *
+    ``dt`` only for steps after ``warmup_steps`` (nanochat: ``step > 10``, leaving out compilation), the last step
+    closing its window whatever ``log_every_n_steps``, and is checkpointed so a resumed run continues the total; ``flops_so_far = flops_per_token * tokens_per_step *
     global_step``. Logged as ``train/tok_per_sec``, ``train/mfu``, ``train/dt``, ``total_training_time`` and
     ``total_training_flops`` every ``log_every_n_steps``.
 
@@ -96,8 +99,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self.tok_per_sec: int | None = None
         self.mfu: float | None = None
         self._train_seconds = 0.0  # all measured step time since train start, for the windowed base metrics
-        self._step_start = 0.0
+        self._window_start = 0.0  # host clock at the start of the first step not measured yet
         self._eval_start = 0.0
+        self._window_steps = 0  # steps since the last measurement
+        self._window_timed = 0  # of those, steps after warmup_steps (they count towards total_training_time)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for name in ("tokens_per_step", "flops_per_token"):
@@ -129,33 +134,48 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        synchronize(pl_module.device)
-        self._step_start = time.perf_counter()
-        self._eval_start = self._eval_seconds(trainer)
+        if self._window_steps == 0:
+            synchronize(pl_module.device)
+            self._window_start = time.perf_counter()
+            self._eval_start = self._eval_seconds(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Close the window of steps since the last measurement: ``dt``, tok/s, MFU and the training time."""
         synchronize(pl_module.device)
-        elapsed = time.perf_counter() - self._step_start
-        dt = max(elapsed - (self._eval_seconds(trainer) - self._eval_start), 1e-9)
-        step = trainer.global_step - 1  # nanochat's step index: the step just taken
+        elapsed = time.perf_counter() - self._window_start
+        window = max(elapsed - (self._eval_seconds(trainer) - self._eval_start), 1e-9)
         tokens, flops_per_token = pl_module.tokens_per_step, pl_module.flops_per_token
-        self.dt = dt
-        self._train_seconds += dt
+        self.dt = dt = window / self._window_steps
+        self._train_seconds += window
         self.tok_per_sec = int(tokens / dt)
         self.mfu = None
         if self.available_flops:
             self.mfu = 100.0 * flops_per_token * tokens / dt / (self.available_flops * trainer.world_size)
-        if step > self.warmup_steps:
-            self.total_training_time += dt
-        self.flops_so_far = flops_per_token * tokens * trainer.global_step
-        metrics = {"train/tok_per_sec": float(self.tok_per_sec), "train/dt": dt,
+        self.total_training_time += dt * self._window_timed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step - 1  # nanochat's step index: the step just taken
+        self._window_steps += 1
+        self._window_timed += step > self.warmup_steps
+        self.flops_so_far = pl_module.flops_per_token * pl_module.tokens_per_step * trainer.global_step
+        # the last step closes its window here, before a final checkpoint save could land in it
+        if not (trainer._logger_connector.should_update_logs or trainer.global_step == trainer.max_steps):
+            return
+        self._measure(trainer, pl_module)
+        metrics = {"train/tok_per_sec": float(self.tok_per_sec), "train/dt": self.dt,
                    "total_training_time": self.total_training_time, "total_training_flops": self.flops_so_far}
         if self.mfu is not None:
             metrics["train/mfu"] = self.mfu
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # rank zero: windowed metrics
+        self._window_steps = self._window_timed = 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._window_steps:  # a run stopped before max_steps: its last steps still count towards the totals
+            self._measure(trainer, pl_module)
+            self._window_steps = self._window_timed = 0
 
     @torch.inference_mode()
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
@@ -164,10 +184,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
             return super()._update(trainer, pl_module, batch, iter_num)
         # Lightning's version reads `flops_per_batch` and times from train start (evals included); the token
         # protocol gives exact counts, and the clock is the eval-free step time measured above.
-        world_size = trainer.world_size
-        self._batches[stage] += 1
-        self._samples[stage] += self.batch_size_fn(batch)
-        self._lengths[stage] += pl_module.tokens_per_step // world_size
+        world_size, steps = trainer.world_size, self._window_steps  # the steps measured since the last update
+        self._batches[stage] += steps
+        self._samples[stage] += self.batch_size_fn(batch) * steps
+        self._lengths[stage] += pl_module.tokens_per_step // world_size * steps
         self._throughputs[stage].update(
             time=self._train_seconds, batches=self._batches[stage], samples=self._samples[stage],
             lengths=self._lengths[stage], flops=pl_module.flops_per_token * pl_module.tokens_per_step / world_size)

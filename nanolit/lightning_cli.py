@@ -5,6 +5,7 @@
 - The default callbacks are always there and configured by their own groups: ``--bpb.eval_every``,
   ``--core.core_metric_every``, ``--sample.sample_every``, ``--checkpoint.save_every`` (nanochat's names).
 - ``--run NAME`` turns on wandb like nanochat (``dummy``, the default, means no wandb); a CSV log is always written.
+- ``--resume_from_nanochat DIR`` continues a nanochat base-training run (``nanolit.resume``).
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from lightning.pytorch.loggers import CSVLogger
 
 from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
                                TokenThroughputMonitor)
+from nanolit.callbacks.preemption import PreemptionCheckpoint
 from nanolit.callbacks.progress import NanoProgressBar
 from nanolit.common import NanolitError
 from nanolit.data.datamodule import BaseDataModule
 from nanolit.module import GPTModule
+from nanolit.resume import resume_from_nanochat
+from nanolit.strategies import NoWrapDDPStrategy  # noqa: F401  (registers --trainer.strategy=ddp_nowrap)
 
 DEFAULT_ROOT = "runs/default"
 
@@ -40,6 +44,8 @@ class NanoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run", type=str, default="dummy",
                             help="wandb run name; 'dummy' (nanochat's default) disables wandb")
+        parser.add_argument("--resume_from_nanochat", type=str | None, default=None,
+                            help="start from a nanochat checkpoint folder (its last step) or a model_<step>.pt")
         parser.add_lightning_class_args(BPBValidation, "bpb")
         parser.add_lightning_class_args(COREEvaluation, "core")
         parser.add_lightning_class_args(Sampler, "sample")
@@ -66,13 +72,19 @@ class NanoCLI(LightningCLI):
         if ckpt.dirpath is None:  # a fixed folder, so `--ckpt_path last` finds it on relaunch
             ckpt.dirpath = str(root / "checkpoints")
         defaults = [EMALossLogger(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
-                    ReportWriter()]
+                    ReportWriter(), PreemptionCheckpoint()]
         if trainer_config.get("enable_progress_bar", True) is not False:
             defaults.append(NanoProgressBar())
         kwargs.setdefault("callbacks", list(trainer_config.get("callbacks") or []) + defaults)
         if trainer_config.get("logger") in (None, True):  # the user's own logger choice wins
             kwargs.setdefault("logger", self._default_loggers(root, self._get(self.config_init, "run")))
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        source = self._get(self.config_init, "resume_from_nanochat")
+        if source:  # the nanochat step becomes the checkpoint that fit() loads
+            fit_args = self.config_init[self.subcommand]
+            fit_args["ckpt_path"] = resume_from_nanochat(self.trainer, source, fit_args.get("ckpt_path"))
 
     @staticmethod
     def _default_loggers(root: Path, run: str) -> list:

@@ -5,7 +5,7 @@ What differs from base training (spec §5.2, §5.6-5.8, §16.9):
 * the GPT is a trained base model, from a nanolit ``.ckpt`` or a nanochat checkpoint folder (by default
   nanochat's rule: the largest ``d<N>`` under ``<base_dir>/base_checkpoints/`` at its last step); its shape and
   vocab come from the checkpoint, and the vocab must be the DataModule tokenizer's;
-* the optimizers are fresh (the base run's optimizer state is not loaded) and there is no gradient clipping;
+* the optimizers are fresh (the base run's optimizer state is not loaded) and gradients are not clipped by default;
 * the LR multiplier follows data progress, not the step: 1 up to 80% of the epoch, then linear to 0;
 * there is no step horizon up front: ``MidDataModule`` flags ``last_step`` on the step after the epoch (or
   ``num_iterations``) ends; that step is not trained, every rank agrees on it (all-reduce MAX, §5.7 step 1), and
@@ -52,6 +52,8 @@ class MidModule(GPTModule):
         model_tag: the folder under ``base_checkpoints/`` when ``init_from`` is ``None``; ``None`` (or ``""``)
             takes the largest ``d<N>``. The output folder is always ``d{depth}`` (§5.8).
         step: the checkpoint step in a nanochat folder; ``None`` takes the last one.
+        depth: the base model's depth, which the checkpoint decides: ``None`` records it from there (so a mid
+            ``.ckpt`` loads like a base one, and ``--ckpt_path`` resumes); a number is checked against it.
         dtype: ``"bfloat16"`` or ``"float32"``; must agree with ``trainer.precision`` (module docstring).
         max_seq_len, device_batch_size, total_batch_size: batch math, as base training (linked into the data).
         unembedding_lr, embedding_lr, matrix_lr, weight_decay: optimizer knobs (§1.13).
@@ -67,6 +69,7 @@ class MidModule(GPTModule):
         init_from: str | None = None,
         model_tag: str | None = None,
         step: int | None = None,
+        depth: int | None = None,
         dtype: str = "bfloat16",
         max_seq_len: int = 2048,
         device_batch_size: int = 32,
@@ -131,12 +134,14 @@ class MidModule(GPTModule):
             base_batch = meta.get("device_batch_size")
             self.init_source = str(path / f"model_{step:06d}.pt")
         self._check_vocab(gpt)
+        if self.hparams.depth not in (None, gpt.config.n_layer):
+            raise NanolitError(f"base model {self.init_source} has depth {gpt.config.n_layer}, not the "
+                               f"depth={self.hparams.depth} asked for; pick the right checkpoint or drop --model.depth")
         if base_batch is not None and self.hparams.device_batch_size > base_batch:
             # nanochat's warning (§5.2): a larger batch than base training used may not fit in memory
             rank_zero_warn(f"FOOTGUN WARNING: base model training used device_batch_size {base_batch}, did you pass "
                            f"in a good --model.device_batch_size ({self.hparams.device_batch_size})?")
-        # The architecture comes from the checkpoint; recorded so a mid .ckpt loads like a base one.
-        self.hparams["depth"] = gpt.config.n_layer
+        self.hparams.depth = gpt.config.n_layer
         self.gpt = gpt.train()
         return gpt
 

@@ -57,6 +57,9 @@ class GPTModule(L.LightningModule):
         seed: the weight-init seed (nanochat: 42 on every rank).
         model_tag: nanochat's output folder name; the final model is exported in nanochat's format to
             ``<base_dir>/base_checkpoints/<model_tag or d{depth}>/`` (``export=False`` skips it).
+        shard_optimizer: shard the optimizer state and Muon's work across ranks like nanochat's
+            DistAdamW/DistMuon (``nanolit.sharded``); needs ``--trainer.strategy=ddp_nowrap``. The optimizers
+            average the gradients themselves, so the clip sees each rank's local gradient, as in nanochat (§16.1).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class GPTModule(L.LightningModule):
         seed: int = 42,
         model_tag: str = "",
         export: bool = True,
+        shard_optimizer: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +94,7 @@ class GPTModule(L.LightningModule):
         self.num_iterations: int = -1
         self.horizon_source = ""
         self.last_train_loss: torch.Tensor | None = None
+        self._finite_check: tuple | None = None  # CUDA: the last step's finite flag, read at the next step
         self._flops_per_token: float | None = None
 
     # ----------------------------------------------------------------------------------------- model
@@ -168,8 +173,17 @@ class GPTModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
         hp = self.hparams
-        optimizers = build_optimizers(self.gpt, unembedding_lr=hp.unembedding_lr, embedding_lr=hp.embedding_lr,
-                                      matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay)
+        build = build_optimizers
+        if hp.shard_optimizer:
+            from nanolit.sharded import build_sharded_optimizers
+            from nanolit.strategies import NoWrapDDPStrategy
+
+            if self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, NoWrapDDPStrategy):
+                raise NanolitError("shard_optimizer averages gradients itself; run it with "
+                                   "--trainer.strategy=ddp_nowrap (a DDP wrapper would all-reduce them twice)")
+            build = build_sharded_optimizers
+        optimizers = build(self.gpt, unembedding_lr=hp.unembedding_lr, embedding_lr=hp.embedding_lr,
+                           matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] = group["lr"] * hp.init_lr_frac
@@ -212,11 +226,15 @@ class GPTModule(L.LightningModule):
                 self.manual_backward(loss / self.grad_accum_steps)
             total += loss.detach()
         self.last_train_loss = loss.detach()  # nanochat logs the last micro-step's loss (spec §4.10 step 7)
+        # self.log costs a host sync on CUDA (a float becomes a device tensor) and Lightning only writes the values
+        # of every log_every_n_steps-th step, so log on those steps only (LearningRateMonitor's test, issue 7).
+        log_now = self.trainer._logger_connector.should_update_logs
 
         if self.hparams.grad_clip > 0:
             # one norm over Muon's and AdamW's parameters together, as nanochat does
             grad_norm = torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), self.hparams.grad_clip)
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+            if log_now:
+                self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         lrm = self.lr_multiplier(step)
         for opt in (adamw.optimizer, muon.optimizer):
             for group in opt.param_groups:
@@ -229,13 +247,33 @@ class GPTModule(L.LightningModule):
         adamw.step()
         muon.optimizer.step()
         self.gpt.zero_grad(set_to_none=True)
-        self.log_dict({"train/lrm": lrm, "train/muon_momentum": momentum}, on_step=True, on_epoch=False)
+        if log_now:
+            self.log_dict({"train/lrm": lrm, "train/muon_momentum": momentum}, on_step=True, on_epoch=False)
         return {"loss": total / self.grad_accum_steps}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"]
-        if not torch.isfinite(loss):
-            raise NanolitError(f"training loss is {loss.item()} at step {self.global_step - 1}; the run stopped and "
+        # Reading the loss right away would stop the host every step on CUDA (issue 7). There the finite flag is
+        # copied to pinned memory without blocking and read at the next step, when the copy is long done; the
+        # last step is read at once. Elsewhere reading is free, so every step is checked on the spot.
+        loss, step = outputs["loss"], self.global_step - 1
+        previous, self._finite_check = self._finite_check, None
+        if loss.device.type == "cuda" and self.global_step < self.trainer.max_steps:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(torch.isfinite(loss), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._finite_check = (flag, done, loss, step)
+        else:
+            self._check_finite(torch.isfinite(loss), loss, step)
+        if previous is not None:
+            flag, done, loss, step = previous
+            done.synchronize()
+            self._check_finite(flag, loss, step)
+
+    @staticmethod
+    def _check_finite(finite: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        if not finite:
+            raise NanolitError(f"training loss is {loss.item()} at step {step}; the run stopped and "
                                f"the last good checkpoint is kept: resume from it with a lower LR or check the data")
 
     # ---------------------------------------------------------------------------------------- export
@@ -279,8 +317,15 @@ class GPTModule(L.LightningModule):
             "loop_state": loop,
         }
         optimizers = [opt.optimizer if hasattr(opt, "optimizer") else opt for opt in self.trainer.optimizers]
-        # rank 0 writes model + meta, every rank its optimizer file (nanochat's layout)
-        save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=self.trainer.global_rank)
+        rank = self.trainer.global_rank
+        if any(hasattr(opt, "consolidate_state_dict") for opt in optimizers):
+            # sharded: gather the full single-process layout on rank 0, which then loads at any world size
+            for opt in optimizers:
+                opt.consolidate_state_dict()
+            if rank == 0:
+                save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=0)
+        else:  # rank 0 writes model + meta, every rank its optimizer file (nanochat's layout)
+            save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=rank)
         self.trainer.strategy.barrier("export_nanochat")
         if self.trainer.is_global_zero:
             rank_zero_info(f"exported the final model in nanochat's format to {ckpt_dir}")

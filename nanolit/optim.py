@@ -110,24 +110,30 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            mu = group["momentum"]
             for p in group["params"]:
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     raise RuntimeError(f"Muon: a parameter of shape {tuple(p.shape)} has no gradient")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - mu)
-                u = g.lerp_(buf, mu) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(u, steps=group["ns_steps"])
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(update, alpha=-group["lr"] * scale)
+                muon_update(p, p.grad, self.state[p], group)
         return loss
 
 
-def _keep_group_keys(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
+def muon_update(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+    """One Muon update of matrix ``p`` from gradient ``g`` (overwritten), with its ``state`` and ``group`` (§2.2).
+
+    Shared by :class:`Muon` and the sharded ``DistMuon``, which applies it on the owning rank only.
+    """
+    mu = group["momentum"]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g)
+    buf = state["momentum_buffer"]
+    buf.lerp_(g, 1 - mu)
+    u = g.lerp_(buf, mu) if group["nesterov"] else buf
+    update = zeropower_via_newtonschulz5(u, steps=group["ns_steps"])
+    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+    p.add_(update, alpha=-group["lr"] * scale)
+
+
+def keep_group_keys(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
     """Make ``keys`` of every param group survive ``load_state_dict`` of a state saved without them.
 
     torch replaces the groups by the saved ones on load; nanochat's optimizer files have no ``name`` key, and
@@ -199,5 +205,5 @@ def build_optimizers(
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-        _keep_group_keys(opt, ("name", "initial_lr"))
+        keep_group_keys(opt, ("name", "initial_lr"))
     return optimizers

@@ -5,8 +5,8 @@
 With 2 devices Lightning's own launcher starts the second process (DDP over gloo). Each optimizer step has one
 global batch of ``world_size * A`` micro-batches, and rank r takes micro-batches ``r*A .. r*A + A - 1``. So one
 process with A = 4 and two processes with A = 2 see the same tokens at every step, and their losses and weights
-must agree. Rank zero writes ``OUT_DIR/result.pt``: the per-step loss (averaged over ranks), the final GPT
-weights, and, for each gradient all-reduce, how many backward passes the rank had run by then.
+must agree. Rank zero writes ``OUT_DIR/result.pt``: the per-step loss (averaged over ranks), gradient norm and gradient,
+the final GPT weights, and, for each gradient all-reduce, how many backward passes the rank had run by then.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nanolit.callbacks import StepCheckpoint
 from nanolit.module import GPTModule
 
-VOCAB, B, T, STEPS = 256, 2, 16, 6
+VOCAB, B, T, STEPS = 256, 2, 16, 3
 GLOBAL_MICRO_BATCHES = 4  # total_batch_size = 4 * B * T tokens per step, whatever the world size
 
 
@@ -39,7 +39,8 @@ class RankSlices(L.LightningDataModule):
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         per_rank = GLOBAL_MICRO_BATCHES // world
-        return [global_batch(s)[rank * per_rank:(rank + 1) * per_rank] for s in range(STEPS)]
+        # a generator: Lightning would read a list as several dataloaders
+        return (global_batch(s)[rank * per_rank:(rank + 1) * per_rank] for s in range(STEPS))
 
 
 class CountingGPTModule(GPTModule):
@@ -53,10 +54,12 @@ class CountingGPTModule(GPTModule):
 
 
 class Record(L.Callback):
-    """Per-step mean loss over ranks, and the backward count at every gradient all-reduce (a DDP comm hook)."""
+    """Per-step mean loss over ranks, gradient norm and gradient, and the backward count at every gradient all-reduce (a DDP comm hook)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.grads: list[torch.Tensor] = []
         self.synced_after: list[int] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -68,8 +71,13 @@ class Record(L.Callback):
         self.synced_after.append(module.backward_calls)
         return allreduce_hook(None, bucket)
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # the averaged, clipped gradient the optimizers are about to apply
+        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.gpt.parameters()]))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
+        self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))  # before clipping
 
 
 def main(out_dir: Path, devices: int) -> None:
@@ -85,7 +93,8 @@ def main(out_dir: Path, devices: int) -> None:
     trainer.fit(module, datamodule=RankSlices())
     if trainer.is_global_zero:
         torch.save({"world_size": trainer.world_size, "grad_accum_steps": module.grad_accum_steps,
-                    "losses": record.losses, "synced_after": record.synced_after,
+                    "losses": record.losses, "grads": record.grads,
+                    "grad_norms": record.grad_norms, "synced_after": record.synced_after,
                     "weights": module.gpt.state_dict()}, out_dir / "result.pt")
 
 

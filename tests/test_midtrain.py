@@ -4,6 +4,9 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -64,10 +67,10 @@ def base(tmp_path_factory) -> Path:
     return root
 
 
-def epoch_steps(base: Path, A: int = 1) -> int:
+def epoch_steps(base: Path, A: int = 1, rank: int = 0, world_size: int = 1) -> int:
     """How many steps one epoch of the train mixture has: the stream's steps before its first last_step."""
     mixture = tasks.build_mid_mixture(base, "train")
-    stream = mid_train_steps(mixture, byte_tokenizer(), B, T, A)
+    stream = mid_train_steps(mixture, byte_tokenizer(), B, T, A, rank, world_size)
     return sum(1 for _ in itertools.takewhile(lambda item: not item[1]["last_step"], stream))
 
 
@@ -178,13 +181,19 @@ def test_cli_mid_run_exports_nanochat_files(base, tmp_path):
     assert float(first["train/loss"]) == pytest.approx(float(first["train/loss_raw"]) * 0.1 / (1 - 0.9 ** 2))
 
 
-def test_dry_run_writes_no_export_but_the_lightning_checkpoint(base, tmp_path):
-    root = tmp_path / "run"
+def test_dry_run_writes_no_export_and_a_resumed_run_ends_identically(base, tmp_path):
     folder = save_base(tmp_path, "mine", 1, 5)
-    main(["fit", "-c", str(ROOT / "configs/mid.yaml"), f"--data.base_dir={base}", f"--model.init_from={folder}",
-          "--model.dry_run=true", "--data.num_iterations=3", f"--trainer.default_root_dir={root}", *TINY])
+    common = ["fit", "-c", str(ROOT / "configs/mid.yaml"), f"--data.base_dir={base}", f"--model.init_from={folder}",
+              "--model.dry_run=true", "--data.num_iterations=5", "--checkpoint.save_every=2", *TINY]
+    main([*common, f"--trainer.default_root_dir={tmp_path / 'full'}"])
     assert not (base / "mid_checkpoints" / "d1").exists()
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
+    full = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in full.iterdir()) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    # --ckpt_path with a file: LightningCLI re-reads the module's hyperparameters from it (depth included)
+    main([*common, f"--trainer.default_root_dir={tmp_path / 'resumed'}", f"--ckpt_path={full / 'step=000002.ckpt'}"])
+    resumed = tmp_path / "resumed" / "checkpoints"
+    want, got = (load_lightning_checkpoint(p / "step=000004.ckpt") for p in (full, resumed))
+    assert got[1]["global_step"] == 4 and same_weights(gpt_state(want[0]), gpt_state(got[0]))
 
 
 # ------------------------------------------------------------------------------------------- base checkpoints
@@ -248,7 +257,7 @@ class MaskedLossCheck(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         x, y = inputs_and_targets(batch[0])
         every_target = torch.where(batch[0] < 0, ~batch[0], batch[0])[:, 1:]  # the ids the mask hid
-        with torch.no_grad():
+        with torch.no_grad(), trainer.precision_plugin.forward_context():  # training's precision (autocast)
             self._pending = (pl_module.gpt(x, y).item(), pl_module.gpt(x, every_target).item(),
                              (y == -1).sum().item(), (x < 0).sum().item())
 
@@ -274,3 +283,51 @@ def test_dtype_must_agree_with_the_trainer_precision(base, tmp_path):
         fit(base, tmp_path, dtype="bfloat16", precision="64-true")
     module, trainer = fit(base, tmp_path, dtype="float32", data={"num_iterations": 2})
     assert trainer.global_step == 1 and module.gpt.transformer.wte.weight.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests_dir!r})
+import lightning.pytorch as L
+from nanolit.callbacks import BPBValidation, StepCheckpoint
+from nanolit.data import tasks
+from nanolit.data.mid import MidDataModule
+from nanolit.midtrain import MidModule
+tasks.SimpleSpelling.num_examples = lambda self: 4  # as the test's monkeypatch
+tasks.SpellingBee.num_examples = lambda self: 4
+base, root = sys.argv[1], sys.argv[2]
+knobs = dict(max_seq_len={T}, device_batch_size={B}, total_batch_size=2 * {B} * {T})
+bpb = BPBValidation(eval_every=100)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=-1, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    callbacks=[bpb, StepCheckpoint(dirpath=root + "/checkpoints")])
+module = MidModule(compile=False, **knobs)
+trainer.fit(module, datamodule=MidDataModule(base_dir=base, eval_tokens=2 * {B} * {T}, **knobs))
+with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump({{"step": trainer.global_step, "bpb": bpb.history}}, f)
+"""
+
+
+@pytest.mark.slow  # Lightning launches a second Python process that imports torch and Lightning: ~30 s here
+def test_ddp_ranks_stop_together_at_the_first_ranks_epoch_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks.SimpleSpelling, "num_examples", lambda self: 4)
+    base = make_base(tmp_path / "base", byte_tokenizer())
+    save_base(base, "d2", 2, 1)
+    # with this mixture the two ranks' shares end at different steps: the first to end stops both (§5.7 step 1)
+    per_rank = [epoch_steps(base, rank=r, world_size=2) for r in range(2)]
+    assert per_rank[0] != per_rank[1]
+    script = tmp_path / "ddp_mid.py"
+    script.write_text(DDP_SCRIPT.format(tests_dir=str(Path(__file__).resolve().parent), B=B, T=T))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the child imports nanolit as this process does
+    proc = subprocess.run([sys.executable, str(script), str(base), str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = min(per_rank)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["step"] for r in ranks] == [n, n]
+    assert ranks[0]["bpb"] == ranks[1]["bpb"] and [s for s, _ in ranks[0]["bpb"]] == [0, n]  # all-reduced
+    assert (base / "mid_checkpoints" / "d2" / f"model_{n:06d}.pt").exists()
+    assert not (base / "mid_checkpoints" / "d2" / f"optim_{n:06d}_rank1.pt").exists()  # rank 0's optimizer only
+    assert (tmp_path / "checkpoints" / f"step={n:06d}.ckpt").exists()
