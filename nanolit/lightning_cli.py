@@ -46,6 +46,7 @@ class NanoCLI(LightningCLI):
                             help="wandb run name; 'dummy' (nanochat's default) disables wandb")
         parser.add_argument("--resume_from_nanochat", type=str | None, default=None,
                             help="start from a nanochat checkpoint folder (its last step) or a model_<step>.pt")
+        parser.add_lightning_class_args(EMALossLogger, "ema")
         parser.add_lightning_class_args(BPBValidation, "bpb")
         parser.add_lightning_class_args(COREEvaluation, "core")
         parser.add_lightning_class_args(Sampler, "sample")
@@ -71,7 +72,7 @@ class NanoCLI(LightningCLI):
         ckpt = self._get(self.config_init, "checkpoint")
         if ckpt.dirpath is None:  # a fixed folder, so `--ckpt_path last` finds it on relaunch
             ckpt.dirpath = str(root / "checkpoints")
-        defaults = [EMALossLogger(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
+        defaults = [TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
                     ReportWriter(), PreemptionCheckpoint()]
         if trainer_config.get("enable_progress_bar", True) is not False:
             defaults.append(NanoProgressBar())

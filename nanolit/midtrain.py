@@ -26,8 +26,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nanolit.callbacks import StepCheckpoint
-from nanolit.checkpoint import (find_largest_model, find_last_step, load_lightning_checkpoint, load_nanochat,
-                                save_nanochat)
+from nanolit.checkpoint import (
+    find_largest_model,
+    find_last_step,
+    load_lightning_checkpoint,
+    load_nanochat,
+    save_nanochat,
+)
 from nanolit.common import NanolitError, get_base_dir
 from nanolit.data.loader import grad_accum_steps
 from nanolit.data.mid import inputs_and_targets
@@ -62,6 +67,8 @@ class MidModule(GPTModule):
         grad_clip: global gradient-norm clip; 0 (nanochat's mid_train) disables it.
         compile: ``torch.compile`` the GPT for training; ``None`` means on CUDA only.
         vocab_size: the tokenizer's, linked by the CLI; checked against the base checkpoint's.
+        shard_optimizer: nanochat's DistAdamW/DistMuon sharding, as base training (``GPTModule``); the export then
+            holds rank 0's optimizer shard, as nanochat's mid_train's does (§5.8).
     """
 
     def __init__(
@@ -83,13 +90,15 @@ class MidModule(GPTModule):
         grad_clip: float = 0.0,
         compile: bool | None = None,
         vocab_size: int | None = None,
+        shard_optimizer: bool = False,
     ):
         if dtype not in DTYPES:
             raise NanolitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         super().__init__(max_seq_len=max_seq_len, device_batch_size=device_batch_size,
                          total_batch_size=total_batch_size, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
                          matrix_lr=matrix_lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                         init_lr_frac=init_lr_frac, compile=compile, vocab_size=vocab_size)
+                         init_lr_frac=init_lr_frac, compile=compile, vocab_size=vocab_size,
+                         shard_optimizer=shard_optimizer)
         # Only mid's own knobs are hyperparameters (base-only ones such as warmup_ratio would mislead the report).
         self.save_hyperparameters()
         self.num_iterations = -1  # steps to train, when known up front; the real count is set at the end

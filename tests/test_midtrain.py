@@ -13,6 +13,7 @@ import lightning.pytorch as L
 import pytest
 import tiktoken
 import torch
+from test_mid_data import make_base
 
 from nanolit.checkpoint import load_lightning_checkpoint, load_nanochat, save_nanochat
 from nanolit.cli import main
@@ -25,7 +26,6 @@ from nanolit.module import GPTModule
 from nanolit.optim import build_optimizers
 from nanolit.schedules import mid_lr_multiplier, muon_momentum
 from nanolit.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-from test_mid_data import make_base
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T = 2, 64
@@ -44,7 +44,7 @@ def byte_tokenizer() -> Tokenizer:
 
 @pytest.fixture(autouse=True)
 def small_spelling_tasks(monkeypatch):
-    """The real mixture with 8 SimpleSpelling and 4 SpellingBee examples (not 280,000), so an epoch is ~20 steps."""
+    """The real mixture with 8 SimpleSpelling and 4 SpellingBee examples (not 280,000), so an epoch is 16 steps."""
     monkeypatch.setattr(tasks.SimpleSpelling, "num_examples", lambda self: 8)
     monkeypatch.setattr(tasks.SpellingBee, "num_examples", lambda self: 4)
 
@@ -59,7 +59,7 @@ def save_base(base: Path, tag: str, depth: int, step: int, vocab: int = V, seed:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """Tokenizer + every mid source (test_mid_data's fixture files) + base models d1 and d2 (steps 3 and 7)."""
+    """Tokenizer + every mid source (test_mid_data's fixture files) + base models d1 (step 9) and d2 (steps 3, 7)."""
     root = make_base(tmp_path_factory.mktemp("mid"), byte_tokenizer())
     save_base(root, "d1", 1, 9)
     save_base(root, "d2", 2, 3, seed=3)
@@ -155,7 +155,7 @@ def metrics(root: Path) -> list[dict]:
 def test_cli_mid_run_exports_nanochat_files(base, tmp_path):
     root = tmp_path / "run"
     main(["fit", "-c", str(ROOT / "configs/mid.yaml"), f"--data.base_dir={base}",
-          f"--trainer.default_root_dir={root}", *TINY])
+          f"--trainer.default_root_dir={root}", "--trainer.log_every_n_steps=1", *TINY])
     n = epoch_steps(base)
     # base model: the largest depth (d2, not d1) at its last step; output folder named by depth
     export = base / "mid_checkpoints" / "d2"
@@ -163,7 +163,7 @@ def test_cli_mid_run_exports_nanochat_files(base, tmp_path):
         [f"meta_{n:06d}.json", f"model_{n:06d}.pt", f"optim_{n:06d}_rank0.pt"]
     meta = json.loads((export / f"meta_{n:06d}.json").read_text())
     assert set(meta) == {"step", "val_bpb", "model_config", "user_config"} and meta["step"] == n
-    assert meta["model_config"] == {**GPTConfig.from_depth(2, V, T).to_dict()}  # sequence_len is mid's T, not 32
+    assert meta["model_config"] == GPTConfig.from_depth(2, V, T).to_dict()  # sequence_len is mid's T, not 32
     assert meta["user_config"]["matrix_lr"] == 0.02 and meta["user_config"]["base_dir"] == str(base)
     assert len(torch.load(export / f"optim_{n:06d}_rank0.pt", weights_only=True)) == 2  # [adamw, muon]
     # the Lightning checkpoint of the last step holds the same weights, and loads like a base .ckpt
@@ -226,7 +226,7 @@ def test_init_from_a_nanolit_ckpt(base, tmp_path):
 
 def test_init_from_a_nanochat_folder_at_a_chosen_step(base, tmp_path):
     rec = Recorder()
-    module, _ = fit(base, tmp_path, [rec], model_tag="d2", step=3, data={"num_iterations": 2})
+    fit(base, tmp_path, [rec], model_tag="d2", step=3, data={"num_iterations": 2})
     assert same_weights(rec.start_weights, gpt_state(load_nanochat(base / "base_checkpoints" / "d2", step=3)[0]))
     with pytest.raises(NanolitError, match="drop one of them"):
         fit(base, tmp_path, init_from=str(base / "base_checkpoints" / "d1"), model_tag="d1")
@@ -249,7 +249,7 @@ def test_base_vocab_must_match_the_tokenizer(base, tmp_path, capsys):
 
 
 class MaskedLossCheck(L.Callback):
-    """Before each step, the loss on (x, y with -1 at masked targets) must be exactly what training_step reports."""
+    """Before each step: the loss on (x, y with -1 at masked targets), on all targets, and the masked count."""
 
     def __init__(self):
         self.pairs = []
@@ -270,8 +270,10 @@ def test_mask_user_tokens_trains_with_minus_one_targets(base, tmp_path):
     fit(base, tmp_path, [check], data={"num_iterations": 4, "mask_user_tokens": True})
     assert len(check.pairs) == 3
     for trained, masked, unmasked, n_ignored, n_negative_inputs in check.pairs:
+        # training_step's loss is the masked one (same weights, up to float rounding); inputs are never negative
         assert trained == pytest.approx(masked, rel=1e-5) and n_negative_inputs == 0
-    assert sum(p[3] for p in check.pairs) > 0 and any(p[1] != pytest.approx(p[2]) for p in check.pairs)
+        assert (masked == unmasked) == (n_ignored == 0)  # same computation, bit for bit, only with nothing masked
+    assert sum(n_ignored for *_, n_ignored, _ in check.pairs) > 0
 
 
 def test_dtype_must_agree_with_the_trainer_precision(base, tmp_path):
@@ -321,7 +323,7 @@ def test_ddp_ranks_stop_together_at_the_first_ranks_epoch_end(tmp_path, monkeypa
     script = tmp_path / "ddp_mid.py"
     script.write_text(DDP_SCRIPT.format(tests_dir=str(Path(__file__).resolve().parent), B=B, T=T))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the child imports nanolit as this process does
-    proc = subprocess.run([sys.executable, str(script), str(base), str(tmp_path)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script), str(base), str(tmp_path)], check=False, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = min(per_rank)
