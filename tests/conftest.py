@@ -59,3 +59,19 @@ def make_base_dir(root: Path, tokenizer_dir: Path, num_docs: int = 400, chars_pe
 def tiny_base_dir(tmp_path_factory, nanochat_d2) -> Path:
     """Shards + the fixture's 4096-token tokenizer, shared (read-only) by the end-to-end tests."""
     return make_base_dir(tmp_path_factory.mktemp("tiny"), nanochat_d2 / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """Byte-level tokenizer (ids 0-255 are bytes) with nanochat's 9 specials: fast and exact to reason about."""
+    import tiktoken
+
+    from nanolit.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+    enc = tiktoken.Encoding(
+        name="bytes",
+        pat_str=SPLIT_PATTERN,
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)},
+    )
+    return Tokenizer(enc)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-import tiktoken
 
 from nanolit.common import NanolitError
 from nanolit.data.chat import render_conversation, render_for_completion
-from nanolit.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanolit.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Byte-level vocab: ids 0-255 are bytes, then the 9 specials in §9.2 order.
 BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END = range(
@@ -17,14 +16,8 @@ BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, PYTHON_START, PYTHON_
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    enc = tiktoken.Encoding(
-        name="bytes",
-        pat_str=SPLIT_PATTERN,
-        mergeable_ranks={bytes([i]): i for i in range(256)},
-        special_tokens={name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)},
-    )
-    return Tokenizer(enc)
+def tok(byte_tokenizer) -> Tokenizer:
+    return byte_tokenizer
 
 
 def text(s: str, mask: int) -> list[tuple[int, int]]:

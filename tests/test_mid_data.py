@@ -10,28 +10,20 @@ import lightning.pytorch as L
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tiktoken
 import torch
 
 from nanolit.common import NanolitError
 from nanolit.data.chat import render_conversation
 from nanolit.data.mid import MidDataModule, inputs_and_targets, mid_train_steps, mid_val_batches
 from nanolit.data.tasks import Task, build_mid_mixture
-from nanolit.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanolit.tokenizer import Tokenizer
 
 B, T = 2, 8
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    """Byte-level tokenizer (ids 0-255 are bytes) with nanochat's 9 specials: fast and exact to reason about."""
-    enc = tiktoken.Encoding(
-        name="bytes",
-        pat_str=SPLIT_PATTERN,
-        mergeable_ranks={bytes([i]): i for i in range(256)},
-        special_tokens={name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)},
-    )
-    return Tokenizer(enc)
+def tok(byte_tokenizer) -> Tokenizer:
+    return byte_tokenizer
 
 
 class ListTask(Task):
