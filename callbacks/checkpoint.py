@@ -5,7 +5,8 @@ final step unless ``max_steps % every_n_train_steps == 0``, and writes ``last.ck
 §3). This subclass keeps what ``--ckpt_path last`` needs (it is a ``ModelCheckpoint`` whose folder holds a
 ``last.ckpt``) and writes every file to a temporary name first, so a crash mid-save never clobbers a good one.
 
-Protocol: none beyond a Trainer; works with any LightningModule.
+Protocol: none beyond a Trainer; works with any LightningModule. A step whose returned loss is NaN or inf is never
+saved, so the last checkpoint on disk stays a good one when the module stops the run over it.
 """
 from __future__ import annotations
 
@@ -14,11 +15,19 @@ import re
 from pathlib import Path
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nanolit.common import NanolitError
 
 _STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+def step_loss_is_finite(trainer: L.Trainer, outputs) -> bool:
+    """Whether the step's returned loss is finite on every rank (collective; True if it returned none)."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    finite = not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss).all())
+    return trainer.strategy.reduce_boolean_decision(finite, all=True)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -50,7 +59,8 @@ class StepCheckpoint(ModelCheckpoint):
         return (self.save_every > 0 and step % self.save_every == 0) or step == trainer.max_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.should_save(trainer):
+        # Callbacks run before the module's own hook, where a non-finite loss stops the run (on CUDA a step later)
+        if self.should_save(trainer) and step_loss_is_finite(trainer, outputs):
             self.save(trainer)
 
     # Lightning's epoch/validation-end saves do not apply to step-based pre-training.

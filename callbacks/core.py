@@ -54,7 +54,7 @@ class COREEvaluation(PeriodicEvaluation):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
-        if getattr(pl_module, "eval_model", None) is None:
+        if not hasattr(pl_module, "eval_model"):  # callbacks set up before the module, which may build it then
             raise NanolitError(f"COREEvaluation needs {type(pl_module).__name__}.eval_model (an nn.Module "
                                "returning logits); add it or remove the callback")
         bundle_dir = self.resolve_bundle_dir()

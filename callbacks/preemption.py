@@ -26,7 +26,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nanolit.callbacks.checkpoint import StepCheckpoint
+from nanolit.callbacks.checkpoint import StepCheckpoint, step_loss_is_finite
 from nanolit.common import NanolitError
 
 
@@ -88,6 +88,8 @@ class PreemptionCheckpoint(L.Callback):
         # Collective, on every rank every step: the ranks agree whether any of them was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        if not step_loss_is_finite(trainer, outputs):
+            return  # never save a NaN step: the module stops the run over it and the last good file stays
         # Runs before the StepCheckpoint's own hook (Lightning orders checkpoint callbacks last), so this step is
         # saved exactly once.
         path = self._checkpoint.save(trainer)

@@ -103,6 +103,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         self._eval_start = 0.0
         self._window_steps = 0  # steps since the last measurement
         self._window_timed = 0  # of those, steps after warmup_steps (they count towards total_training_time)
+        self._last_step: tuple[L.Trainer, L.LightningModule] | None = None  # to close the window at a save
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for name in ("tokens_per_step", "flops_per_token"):
@@ -156,6 +157,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step - 1  # nanochat's step index: the step just taken
+        self._last_step = (trainer, pl_module)
         self._window_steps += 1
         self._window_timed += step > self.warmup_steps
         self.flops_so_far = pl_module.flops_per_token * pl_module.tokens_per_step * trainer.global_step
@@ -193,6 +195,10 @@ class TokenThroughputMonitor(ThroughputMonitor):
             lengths=self._lengths[stage], flops=pl_module.flops_per_token * pl_module.tokens_per_step / world_size)
 
     def state_dict(self) -> dict[str, Any]:
+        if self._window_steps and self._last_step is not None:
+            # a checkpoint holds the time up to its own step, so a resumed run continues the total exactly
+            self._measure(*self._last_step)
+            self._window_steps = self._window_timed = 0
         return {"total_training_time": self.total_training_time}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

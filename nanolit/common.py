@@ -29,14 +29,15 @@ def get_base_dir(base_dir: str | os.PathLike | None = None, create: bool = False
     """The nanochat-layout base directory (``base_data/``, ``tokenizer/``, ``base_checkpoints/``, ...).
 
     Order: the explicit argument, ``$NANOLIT_BASE_DIR``, ``$NANOCHAT_BASE_DIR``, ``~/.cache/nanolit``.
-    An existing nanochat folder (``~/.cache/nanochat``) works as is when pointed at. The default folder is
-    created; an explicit one must exist unless ``create`` (a typo must not silently start an empty dir).
+    An existing nanochat folder (``~/.cache/nanochat``) works as is when pointed at. The environment's or the
+    default folder is created, like nanochat's; an explicit argument must exist unless ``create`` (a typo in
+    ``--data.base_dir`` must not silently start an empty dir).
     """
-    explicit = base_dir or os.environ.get("NANOLIT_BASE_DIR") or os.environ.get("NANOCHAT_BASE_DIR")
-    path = Path(explicit).expanduser() if explicit else Path.home() / ".cache" / "nanolit"
-    if explicit and not create and not path.is_dir():
+    env = os.environ.get("NANOLIT_BASE_DIR") or os.environ.get("NANOCHAT_BASE_DIR")
+    path = Path(base_dir or env or Path.home() / ".cache" / "nanolit").expanduser()
+    if base_dir and not create and not path.is_dir():
         raise NanolitError(f"base dir {path} does not exist; create it, fix the path (--data.base_dir / "
-                           f"--base_dir / $NANOLIT_BASE_DIR), or build data there with `nanolit data ...`")
+                           f"--base_dir), or build data there with `nanolit data ...`")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

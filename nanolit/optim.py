@@ -110,11 +110,34 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            by_shape: dict[torch.Size, list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     raise RuntimeError(f"Muon: a parameter of shape {tuple(p.shape)} has no gradient")
-                muon_update(p, p.grad, self.state[p], group)
+                by_shape.setdefault(p.shape, []).append(p)
+            for params in by_shape.values():
+                self._update_same_shape(params, group)
         return loss
+
+    def _update_same_shape(self, params: list[Tensor], group: dict) -> None:
+        """:func:`muon_update` of every matrix in ``params`` (one shape) at once: the same math per matrix, as
+        a few foreach kernels and one batched Newton-Schulz instead of ~10 launches per matrix. On one H100 the
+        per-matrix loop made Muon 16% of a d20 step, mostly launch gaps (issue 7, benchmarks/README.md)."""
+        mu = group["momentum"]
+        grads = [p.grad for p in params]
+        bufs = []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        if group["nesterov"]:
+            torch._foreach_lerp_(grads, bufs, mu)
+        updates = zeropower_via_newtonschulz5(torch.stack(grads if group["nesterov"] else bufs),
+                                              steps=group["ns_steps"])
+        scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
+        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
 
 
 def muon_update(p: Tensor, g: Tensor, state: dict, group: dict) -> None:

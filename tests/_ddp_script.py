@@ -5,8 +5,8 @@
 With 2 devices Lightning's own launcher starts the second process (DDP over gloo). Each optimizer step has one
 global batch of ``world_size * A`` micro-batches, and rank r takes micro-batches ``r*A .. r*A + A - 1``. So one
 process with A = 4 and two processes with A = 2 see the same tokens at every step, and their losses and weights
-must agree. Rank zero writes ``OUT_DIR/result.pt``: the per-step loss (averaged over ranks), gradient norm and gradient,
-the final GPT weights, and, for each gradient all-reduce, how many backward passes the rank had run by then.
+must agree. Rank zero writes ``OUT_DIR/result.pt``: the per-step loss (averaged over ranks), gradient norm and
+gradient, the final GPT weights, and, for each gradient all-reduce, how many backward passes the rank had run by then.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class CountingGPTModule(GPTModule):
 
 
 class Record(L.Callback):
-    """Per-step mean loss over ranks, gradient norm and gradient, and the backward count at every gradient all-reduce (a DDP comm hook)."""
+    """Per step: mean loss over ranks, gradient norm, gradient; and the backward count at each all-reduce."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -88,8 +88,8 @@ def main(out_dir: Path, devices: int) -> None:
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=out_dir,
-                        callbacks=[record, StepCheckpoint(dirpath=str(out_dir / "checkpoints"), save_every=3)])
+                        limit_val_batches=0, default_root_dir=out_dir, log_every_n_steps=1,  # grad norm each step
+                        callbacks=[record, StepCheckpoint(dirpath=str(out_dir / "checkpoints"), save_every=2)])
     trainer.fit(module, datamodule=RankSlices())
     if trainer.is_global_zero:
         torch.save({"world_size": trainer.world_size, "grad_accum_steps": module.grad_accum_steps,

@@ -21,16 +21,18 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def write_config(path: Path, base_dir: Path, root: Path, num_iterations: int, save_every: int,
-                 eval_every: int = 4, callbacks: list[dict] = (), **trainer: object) -> Path:
-    """A tiny d1 run (64 tokens per step, 2 micro-batches of 2 x 16) as a config file; JSON is valid YAML."""
+                 callbacks: list[dict] = ()) -> Path:
+    """A tiny d1 run (64 tokens per step, 2 micro-batches of 2 x 16, val bpb every 4 steps) as a config file.
+
+    JSON is valid YAML, so ``-c`` reads it.
+    """
     config = {
         "model": {"init_args": {"depth": 1, "max_seq_len": 16, "device_batch_size": 2, "total_batch_size": 64,
                                 "num_iterations": num_iterations, "export": False}},
         "data": {"init_args": {"base_dir": str(base_dir), "eval_tokens": 64, "tokenizer_threads": 1}},
         "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root),
-                    "enable_progress_bar": False, "enable_model_summary": False, "callbacks": list(callbacks),
-                    **trainer},
-        "bpb": {"eval_every": eval_every},
+                    "enable_progress_bar": False, "enable_model_summary": False, "callbacks": list(callbacks)},
+        "bpb": {"eval_every": 4},
         "core": {"core_metric_every": -1},
         "sample": {"sample_every": -1},
         "checkpoint": {"save_every": save_every},
@@ -96,7 +98,7 @@ class SignalAt(L.Callback):
 
 
 class StepLog(L.Callback):
-    """Append ``{step, loss, total_training_time, dt, smooth}`` after every step to ``path`` (global rank zero).
+    """Append ``{step, loss, total_training_time, smooth}`` after every step to ``path`` (global rank zero).
 
     Written at the start of the next step (and at the end of training), once every callback has updated.
     """
@@ -110,7 +112,7 @@ class StepLog(L.Callback):
         monitor = next(cb for cb in trainer.callbacks if hasattr(cb, "total_training_time"))
         ema = next(cb for cb in trainer.callbacks if hasattr(cb, "smooth") and hasattr(cb, "beta"))
         row = {"step": trainer.global_step, "loss": float(pl_module.last_train_loss),
-               "total_training_time": monitor.total_training_time, "dt": monitor.dt, "smooth": ema.smooth}
+               "total_training_time": monitor.total_training_time, "smooth": ema.smooth}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

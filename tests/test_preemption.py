@@ -23,17 +23,33 @@ from nanolit.module import GPTModule
 TINY = dict(device_batch_size=2, max_seq_len=16, total_batch_size=64)  # 2 micro-batches of 2 x 16 per step
 
 
-def fit(base_dir, root, steps: int, callbacks: list, ckpt_path=None) -> GPTModule:
-    """Train a d1 GPT for ``steps`` steps in this process, with ``callbacks`` (quiet, no logger)."""
-    module = GPTModule(depth=1, num_iterations=steps, compile=False, export=False, **TINY)
+def build(base_dir, root, steps: int, callbacks: list, depth: int = 1):
+    """``(trainer, module, datamodule)`` for a d``depth`` GPT trained ``steps`` steps in this process (quiet)."""
+    module = GPTModule(depth=depth, num_iterations=steps, compile=False, export=False, **TINY)
     data = BaseDataModule(str(base_dir), eval_tokens=64, tokenizer_threads=1, **TINY)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         default_root_dir=root, callbacks=callbacks)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec).*")
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, module, data
+
+
+def run(trainer: L.Trainer, module: GPTModule, data: BaseDataModule, ckpt_path=None) -> GPTModule:
+    threads = torch.get_num_threads()
+    # One thread: on the shared 2-core machine two OpenMP threads contend and make this tiny model ~20x slower.
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*(val_dataloader|LeafSpec|callbacks used to create the checkpoint).*")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        torch.set_num_threads(threads)
     return module
+
+
+def fit(base_dir, root, steps: int, callbacks: list, ckpt_path=None) -> GPTModule:
+    """Train a d1 GPT for ``steps`` steps in this process with ``callbacks``; returns the module."""
+    return run(*build(base_dir, root, steps, callbacks), ckpt_path=ckpt_path)
 
 
 def step_files(folder) -> list[str]:
@@ -70,6 +86,13 @@ def test_signal_saves_at_step_end_stops_and_resumes_exactly(tiny_base_dir, tmp_p
         assert torch.equal(weight, resumed.gpt.state_dict()[name]), name
 
 
+class HandlerAtTrainStart(L.Callback):
+    """Records the SIGUSR1 handler that is installed when training starts (before PreemptionCheckpoint's own)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.handler = signal.getsignal(signal.SIGUSR1)
+
+
 def test_slurm_requeue_signal_saves_requeues_and_beats_lightning_handler(tiny_base_dir, tmp_path, monkeypatch):
     """Under SLURM, SIGUSR1 is Lightning's requeue signal: nanolit saves at the step end, then requeues the job."""
     bin_dir = tmp_path / "bin"
@@ -82,10 +105,11 @@ def test_slurm_requeue_signal_saves_requeues_and_beats_lightning_handler(tiny_ba
                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
                        "SLURM_NODELIST": "127.0.0.1"}.items():
         monkeypatch.setenv(key, value)
-    ckpt = tmp_path / "ckpt"
+    ckpt, lightning_handler = tmp_path / "ckpt", HandlerAtTrainStart()
     with pytest.raises(SystemExit):
-        fit(tiny_base_dir, tmp_path / "run", 6,
-            [StepCheckpoint(str(ckpt), save_every=4), PreemptionCheckpoint(), SignalAt(step=2, signal="SIGUSR1")])
+        fit(tiny_base_dir, tmp_path / "run", 6, [StepCheckpoint(str(ckpt), save_every=4), lightning_handler,
+                                                  PreemptionCheckpoint(), SignalAt(step=2, signal="SIGUSR1")])
+    assert type(lightning_handler.handler).__name__ == "_HandlersCompose"  # Lightning's SLURM requeue handler
     assert saved_step(ckpt / "last.ckpt") == 3
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert not list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))  # Lightning's mid-step save never ran
