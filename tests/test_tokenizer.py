@@ -203,6 +203,7 @@ def test_train_tokenizer_saves_into_base_dir(tmp_path):
     loaded = get_tokenizer(tmp_path)
     assert loaded.get_vocab_size() == 300
     assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(NanolitError, match="at least 2"):
         train_tokenizer(tmp_path / "empty", vocab_size=300)
 
