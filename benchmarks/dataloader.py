@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from step_overhead import default_base_dir, prepare_base_dir
 
 from nanolit.data.loader import TrainTokenStream
 from nanolit.data.shards import iter_row_groups, list_parquet_files, train_val_split
 from nanolit.tokenizer import Tokenizer
-from step_overhead import default_base_dir, prepare_base_dir
 
 D20_TOK_PER_SEC = 141_889  # benchmarks/gpu.py, d20 on one H100 (nanochat's speedrun: ~136K per GPU, spec §13.3)
 NANOCHAT_BYTES_PER_TOKEN = 4.8  # the 65536 vocab on FineWeb-Edu (spec §9.4)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     pinnable = hasattr(os, "sched_setaffinity")  # Linux; elsewhere the tokenizer thread count is the only limit
     if not args.all_cores and pinnable:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core for every thread of the process
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for every thread of the process
     torch.set_num_threads(1)
     files, tokenizer = data_and_tokenizer(args)
     B, T = args.device_batch_size, args.seq_len
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = bytes_per_token(files, tokenizer)
     nanochat_tok_per_sec = tok_per_sec * ratio / NANOCHAT_BYTES_PER_TOKEN
     result = {
-        "cores": len(os.sched_getaffinity(0)) if pinnable else os.cpu_count(), "tokenizer_threads": args.tokenizer_threads,
+        "cores": len(os.sched_getaffinity(0)) if pinnable else os.cpu_count(),
+        "tokenizer_threads": args.tokenizer_threads,
         "vocab_size": tokenizer.get_vocab_size(), "files": len(files), "B": B, "T": T, "steps": steps,
         "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "tok_per_sec": int(tok_per_sec),
         "bytes_per_token": round(ratio, 3), "text_mb_per_sec": round(tok_per_sec * ratio / 1e6, 2),

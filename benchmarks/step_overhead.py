@@ -5,7 +5,8 @@ Both train the same GPT on the same tokens with the same config:
 (a) ``GPTModule`` + ``BaseDataModule`` under a ``Trainer`` configured as ``nanolit fit`` configures it
     (``NanoCLI``): its trainer defaults, a CSV logger, and every default callback it installs (the evaluation
     groups ``ema``/``bpb``/``core``/``sample``/``checkpoint`` plus throughput, LR monitor, report, preemption
-    checkpoint and the progress bar; ``tests/test_benchmarks_smoke.py`` checks the list against the CLI's). The evaluations are set to never fire (``-1``): their work is nanochat's too, not a tax.
+    checkpoint and the progress bar; ``tests/test_benchmarks_smoke.py`` checks the list against the CLI's).
+    The evaluations are set to never fire (``-1``): their work is nanochat's too, not a tax.
 (b) a hand-written loop: ``TrainTokenStream`` -> forward/backward per micro-batch -> clip -> LR and momentum ->
     AdamW, Muon -> ``zero_grad``; no logging and no host syncs at all, so it is the cheapest way to do the math.
 
@@ -15,7 +16,7 @@ loggers' per-step work, the progress bar and the next batch's fetch all count), 
 two ends. Each side's step time is the median over its runs, in wall seconds and in the process's CPU seconds
 (steadier on a shared machine); the ratios are (a)/(b).
 
-    python benchmarks/step_overhead.py --depth 2 --threads 1 --rounds 5 --steps 10   # CPU, B=4, T=256, vocab 4096
+    python benchmarks/step_overhead.py --depth 2 --threads 1 --steps 20 --rounds 9    # CPU: B=4, T=256, vocab 4096
     python benchmarks/step_overhead.py --device cuda --device-batch-size 16 --seq-len 1024 --steps 30 --warmup 5
 """
 from __future__ import annotations
@@ -33,11 +34,18 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
-
-from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
-                               TokenThroughputMonitor)
+from nanolit.callbacks import (
+    BPBValidation,
+    COREEvaluation,
+    EMALossLogger,
+    ReportWriter,
+    Sampler,
+    StepCheckpoint,
+    TokenThroughputMonitor,
+)
 from nanolit.callbacks.preemption import PreemptionCheckpoint
 from nanolit.callbacks.progress import NanoProgressBar
+
 from nanolit.common import autocast_context, synchronize
 from nanolit.data.corpus import write_default_corpus
 from nanolit.data.datamodule import BaseDataModule
@@ -48,7 +56,6 @@ from nanolit.module import GPTModule
 from nanolit.optim import build_optimizers
 from nanolit.schedules import lr_multiplier, muon_momentum
 from nanolit.tokenizer import Tokenizer
-
 
 
 def default_base_dir(vocab_size: int) -> Path:

@@ -6,6 +6,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 
+from nanolit.callbacks.periodic import log_to_loggers
 from nanolit.common import NanolitError
 
 
@@ -61,8 +62,9 @@ class EMALossLogger(L.Callback):
         # (issue 7). The EMA is the same as folding each step in as it comes.
         if trainer._logger_connector.should_update_logs:
             self.flush()
-            pl_module.log("train/loss", self.smooth_loss, on_step=True, on_epoch=False)
-            pl_module.log("train/loss_raw", self.last_loss, on_step=True, on_epoch=False)
+            # straight to the loggers: pl_module.log costs ~0.5 ms a value in Lightning's bookkeeping (issue 7)
+            log_to_loggers(trainer, {"train/loss": self.smooth_loss, "train/loss_raw": self.last_loss},
+                           step=trainer.global_step - 1)
 
     def flush(self) -> None:
         """Fold the losses of the steps since the last logging step into the EMA (one host sync)."""

@@ -46,7 +46,8 @@ def sparkline(values: list[float], width: int = SPARK_WIDTH) -> str:
         chunk = finite[b * len(finite) // buckets:(b + 1) * len(finite) // buckets]
         means.append(sum(chunk) / len(chunk))
     low, high = min(means), max(means)
-    span = (high - low) or 1.0
+    # a constant series averages to values a rounding error apart: draw it flat, not as full-height noise
+    span = high - low if high - low > 1e-9 * max(1.0, abs(high)) else math.inf
     return "".join(SPARK_LEVELS[round((m - low) / span * (len(SPARK_LEVELS) - 1))] for m in means)
 
 

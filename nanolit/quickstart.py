@@ -2,12 +2,13 @@
 
 1. shards from the Python documentation that ships with the interpreter (``nanolit.data.corpus``);
 2. a 4096-token BPE tokenizer trained on them;
-3. ``nanolit fit -c configs/quickstart.yaml``: a d4 GPT with the real recipe, val bpb every 25 steps,
+3. ``nanolit fit -c configs/quickstart.yaml``: a d4 GPT with the real recipe, val bpb every 30 steps,
    samples, checkpoints and ``report.md`` under the output folder.
 Steps 1-2 are skipped when their outputs exist, so a second run goes straight to training.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def quickstart(out: Path, extra: list[str]) -> None:
     base = out / "base"
     prepare_base_dir(base)
     print("[3/3] training (nanolit fit -c configs/quickstart.yaml) ...", flush=True)
+    sys.argv = sys.argv[:1]  # the fit arguments below are the whole command line (LightningCLI warns otherwise)
     run_lightning_cli(["fit", "-c", str(CONFIG), f"--data.init_args.base_dir={base}",
                        f"--trainer.default_root_dir={out}", *extra])
     print(f"\ndone: logs, checkpoints and report.md are in {out}")
