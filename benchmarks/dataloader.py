@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from step_overhead import default_base_dir, prepare_base_dir
 
 from nanolit.data.loader import TrainTokenStream
 from nanolit.data.shards import iter_row_groups, list_parquet_files, train_val_split
 from nanolit.tokenizer import Tokenizer
+from step_overhead import default_base_dir, prepare_base_dir  # sibling script: benchmarks/ is sys.path[0]
 
 D20_TOK_PER_SEC = 141_889  # benchmarks/gpu.py, d20 on one H100 (nanochat's speedrun: ~136K per GPU, spec §13.3)
 NANOCHAT_BYTES_PER_TOKEN = 4.8  # the 65536 vocab on FineWeb-Edu (spec §9.4)

@@ -118,7 +118,7 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
     muon_ms = sum(_ms(m[1], m[2]) for m in marks) / args.steps
     flops_per_token = model.estimate_flops()
     peak = (peak_bf16_flops(torch.cuda.get_device_name(device)) or H100_PEAK) if device.type == "cuda" else None
-    result = {
+    return {
         "depth": depth, "params": model.num_params(), "flops_per_token": flops_per_token,
         "device_batch_size": B, "seq_len": T, "grad_accum": accum, "tokens_per_step": total,
         "compiled": not args.no_compile, "warmup_s": round(warmup_s, 1), "step_ms": round(dt * 1000, 2),
@@ -128,7 +128,6 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
         "muon_ms": round(muon_ms, 2), "muon_share_pct": round(100 * muon_ms / (dt * 1000), 2),
         "adamw_ms": round(adamw_ms, 2),
     }
-    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

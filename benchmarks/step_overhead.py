@@ -34,18 +34,11 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
-from nanolit.callbacks import (
-    BPBValidation,
-    COREEvaluation,
-    EMALossLogger,
-    ReportWriter,
-    Sampler,
-    StepCheckpoint,
-    TokenThroughputMonitor,
-)
+
+from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
+                               TokenThroughputMonitor)
 from nanolit.callbacks.preemption import PreemptionCheckpoint
 from nanolit.callbacks.progress import NanoProgressBar
-
 from nanolit.common import autocast_context, synchronize
 from nanolit.data.corpus import write_default_corpus
 from nanolit.data.datamodule import BaseDataModule

@@ -153,8 +153,10 @@ class GPTModule(L.LightningModule):
         self.gpt = gpt
 
     def configure_model(self) -> None:
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as nanochat's compute_init (§4.2)
         if self.gpt.transformer.wte.weight.is_meta:
-            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             self.gpt.to_empty(device=device)
             self.gpt.init_weights(seed=self.hparams.seed)
             if not self._bf16_training():
