@@ -33,7 +33,7 @@ from nanolit.checkpoint import (
     load_nanochat,
     save_nanochat,
 )
-from nanolit.common import NanolitError, get_base_dir
+from nanolit.common import NanolitError
 from nanolit.data.loader import grad_accum_steps
 from nanolit.data.mid import inputs_and_targets
 from nanolit.model import GPT
@@ -67,8 +67,9 @@ class MidModule(GPTModule):
         grad_clip: global gradient-norm clip; 0 (nanochat's mid_train) disables it.
         compile: ``torch.compile`` the GPT for training; ``None`` means on CUDA only.
         vocab_size: the tokenizer's, linked by the CLI; checked against the base checkpoint's.
-        shard_optimizer: nanochat's DistAdamW/DistMuon sharding, as base training (``GPTModule``); the export then
-            holds rank 0's optimizer shard, as nanochat's mid_train's does (§5.8).
+        shard_optimizer: nanochat's DistAdamW/DistMuon sharding, as base training (``GPTModule``); the export's
+            ``optim_..._rank0.pt`` then holds the consolidated state (nanochat's mid_train keeps only rank 0's
+            shard there, §5.8), which loads at any world size.
     """
 
     def __init__(
@@ -110,8 +111,7 @@ class MidModule(GPTModule):
         """Where the base model is: a ``.ckpt`` file (step ``None``) or a nanochat folder and its step (§11.3)."""
         hp = self.hparams
         if hp.init_from is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            checkpoints = get_base_dir(getattr(datamodule, "base_dir", None)) / "base_checkpoints"
+            checkpoints = self.base_dir() / "base_checkpoints"
             folder = checkpoints / (hp.model_tag or find_largest_model(checkpoints))
         else:
             if hp.model_tag:
@@ -157,7 +157,7 @@ class MidModule(GPTModule):
     def _check_vocab(self, gpt: GPT) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "vocab_size"):
-            vocab, tokenizer = datamodule.vocab_size, get_base_dir(getattr(datamodule, "base_dir", None)) / "tokenizer"
+            vocab, tokenizer = datamodule.vocab_size, self.base_dir() / "tokenizer"
         elif self.hparams.vocab_size is not None:
             vocab, tokenizer = self.hparams.vocab_size, "--model.vocab_size"
         else:
@@ -247,11 +247,12 @@ class MidModule(GPTModule):
 
     def export_dir(self) -> Path:
         """``<base_dir>/mid_checkpoints/d{depth}``: the depth of the model, whatever tag it came from (§5.8)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return get_base_dir(getattr(datamodule, "base_dir", None)) / "mid_checkpoints" / f"d{self.gpt.config.n_layer}"
+        return self.base_dir() / "mid_checkpoints" / f"d{self.gpt.config.n_layer}"
 
     def export_nanochat(self, ckpt_dir: Path) -> None:
-        """Write ``model_/meta_/optim_..._rank0`` like mid_train (§5.8): rank 0 only, its optimizer state only."""
+        """Write ``model_/meta_/optim_..._rank0`` like mid_train (§5.8), rank 0 only; collective (sharded
+        optimizers gather their state on rank 0 first, so the file loads at any world size)."""
+        optimizers, _ = self.optimizers_for_export()
         if self.trainer.is_global_zero:
             step = self.global_step
             datamodule = self.trainer.datamodule
@@ -263,7 +264,6 @@ class MidModule(GPTModule):
                 "model_config": {**self.gpt.config.to_dict(), "sequence_len": self.hparams.max_seq_len},
                 "user_config": {k: v for k, v in user_config.items() if not k.startswith("_")},  # no CLI internals
             }
-            optimizers = [getattr(opt, "optimizer", opt) for opt in self.trainer.optimizers]
             save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=0)
             rank_zero_info(f"exported the mid-trained model in nanochat's format to {ckpt_dir}")
         self.trainer.strategy.barrier("MidModule.export_nanochat")
@@ -293,10 +293,7 @@ class MidModule(GPTModule):
             "dtype": f"{hp.dtype} (trainer.precision {self.trainer.precision})",
             "export": "off (dry_run)" if hp.dry_run else str(self.export_dir()),
         }
-        for opt in self.trainer.optimizers:
-            for group in opt.param_groups:
-                plan[f"lr {type(opt).__name__}/{group['name']}"] = f"{group['initial_lr']:.6g}"
-        return plan
+        return {**plan, **self.lr_plan()}
 
 
 __all__ = ["MidModule"]

@@ -288,10 +288,12 @@ class GPTModule(L.LightningModule):
         if self.hparams.export:
             self.export_nanochat(self.export_dir())
 
+    def base_dir(self) -> Path:
+        """The DataModule's base dir (nanochat's layout), or the default one."""
+        return get_base_dir(getattr(getattr(self.trainer, "datamodule", None), "base_dir", None))
+
     def export_dir(self) -> Path:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        base = get_base_dir(getattr(datamodule, "base_dir", None))
-        return base / "base_checkpoints" / (self.hparams.model_tag or f"d{self.hparams.depth}")
+        return self.base_dir() / "base_checkpoints" / (self.hparams.model_tag or f"d{self.hparams.depth}")
 
     def loop_state(self) -> dict:
         """nanochat's meta ``loop_state`` and ``val_bpb``, read from the callbacks that track them."""
@@ -321,19 +323,31 @@ class GPTModule(L.LightningModule):
             "dataloader_state_dict": dict(loader),  # pq_idx, rg_idx (+ nanolit's exact position)
             "loop_state": loop,
         }
-        optimizers = [opt.optimizer if hasattr(opt, "optimizer") else opt for opt in self.trainer.optimizers]
+        optimizers, sharded = self.optimizers_for_export()
         rank = self.trainer.global_rank
-        if any(hasattr(opt, "consolidate_state_dict") for opt in optimizers):
-            # sharded: gather the full single-process layout on rank 0, which then loads at any world size
-            for opt in optimizers:
-                opt.consolidate_state_dict()
-            if rank == 0:
-                save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=0)
-        else:  # rank 0 writes model + meta, every rank its optimizer file (nanochat's layout)
+        if not sharded or rank == 0:  # rank 0 writes model + meta; unsharded, every rank its optimizer file
             save_nanochat(self.gpt, ckpt_dir, step, meta, optimizers, rank=rank)
         self.trainer.strategy.barrier("export_nanochat")
         if self.trainer.is_global_zero:
             rank_zero_info(f"exported the final model in nanochat's format to {ckpt_dir}")
+
+    def optimizers_for_export(self) -> tuple[list, bool]:
+        """``(raw optimizers, sharded?)``, their ``state_dict()`` ready on rank 0; collective, call on all ranks.
+
+        Sharded optimizers gather the full single-process layout on rank 0 (which then loads at any world size);
+        their ``state_dict()`` is only valid there.
+        """
+        optimizers = [getattr(opt, "optimizer", opt) for opt in self.trainer.optimizers]
+        sharded = any(hasattr(opt, "consolidate_state_dict") for opt in optimizers)
+        if sharded:
+            for opt in optimizers:
+                opt.consolidate_state_dict()
+        return optimizers, sharded
+
+    def lr_plan(self) -> dict[str, str]:
+        """The starting LR of every parameter group, after scaling, for the training plan."""
+        return {f"lr {type(opt).__name__}/{group['name']}": f"{group['initial_lr']:.6g}"
+                for opt in self.trainer.optimizers for group in opt.param_groups}
 
     # ------------------------------------------------------------------------------------------ plan
     def training_plan(self) -> dict[str, str]:
@@ -358,10 +372,7 @@ class GPTModule(L.LightningModule):
             "grad clip": f"{hp.grad_clip:g}" if hp.grad_clip > 0 else "off",
             "precision": str(self.trainer.precision),
         }
-        for opt in self.trainer.optimizers:
-            for group in opt.param_groups:
-                plan[f"lr {type(opt).__name__}/{group['name']}"] = f"{group['initial_lr']:.6g}"
-        return plan
+        return {**plan, **self.lr_plan()}
 
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask, not only rank zero
