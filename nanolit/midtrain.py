@@ -70,6 +70,7 @@ class MidModule(GPTModule):
         shard_optimizer: nanochat's DistAdamW/DistMuon sharding, as base training (``GPTModule``); the export's
             ``optim_..._rank0.pt`` then holds the consolidated state (nanochat's mid_train keeps only rank 0's
             shard there, §5.8), which loads at any world size.
+        loss_chunk_size: the loss head in chunks of rows, as base training (``GPTModule``); 0 disables it.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class MidModule(GPTModule):
         compile: bool | None = None,
         vocab_size: int | None = None,
         shard_optimizer: bool = False,
+        loss_chunk_size: int = 0,
     ):
         if dtype not in DTYPES:
             raise NanolitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -99,7 +101,7 @@ class MidModule(GPTModule):
                          total_batch_size=total_batch_size, embedding_lr=embedding_lr, unembedding_lr=unembedding_lr,
                          matrix_lr=matrix_lr, weight_decay=weight_decay, grad_clip=grad_clip,
                          init_lr_frac=init_lr_frac, compile=compile, vocab_size=vocab_size,
-                         shard_optimizer=shard_optimizer)
+                         shard_optimizer=shard_optimizer, loss_chunk_size=loss_chunk_size)
         # Only mid's own knobs are hyperparameters (base-only ones such as warmup_ratio would mislead the report).
         self.save_hyperparameters()
         self.num_iterations = -1  # steps to train, when known up front; the real count is set at the end
@@ -293,7 +295,7 @@ class MidModule(GPTModule):
             "dtype": f"{hp.dtype} (trainer.precision {self.trainer.precision})",
             "export": "off (dry_run)" if hp.dry_run else str(self.export_dir()),
         }
-        return {**plan, **self.lr_plan()}
+        return {**plan, **self.loss_head_plan(), **self.lr_plan()}
 
 
 __all__ = ["MidModule"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from nanolit.common import NanolitError, autocast_context
 from nanolit.engine import KVCache, sample_next_token
+from nanolit.loss import IGNORE_INDEX, softcap_cross_entropy
 
 ROTARY_BASE = 10000  # spec §1.5
 ROTARY_CACHE_FACTOR = 10  # the rotary table covers 10x sequence_len positions (spec §1.5)
@@ -206,8 +207,12 @@ class GPT(nn.Module):
         return 6 * nparams_exclusive + 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
-        """Mean (or per-token with ``loss_reduction='none'``) cross-entropy if ``targets``, else fp32 logits."""
+                loss_reduction: str = "mean", loss_chunk_size: int = 0) -> torch.Tensor:
+        """Mean (or per-token with ``loss_reduction='none'``) cross-entropy if ``targets``, else fp32 logits.
+
+        ``loss_chunk_size > 0`` computes the loss ``loss_chunk_size`` rows of logits at a time
+        (``nanolit.loss``): the same loss and gradients without the [B*T, vocab] logits in memory.
+        """
         B, T = idx.size()
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
@@ -219,11 +224,14 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
+        if targets is not None and loss_chunk_size > 0:
+            return softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), SOFTCAP,
+                                         loss_chunk_size, loss_reduction)
         logits = self.lm_head(x).float()  # fp32 before the softcap (spec §0 change 1)
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=loss_reduction)
 
     @torch.inference_mode()

@@ -58,6 +58,9 @@ class GPTModule(L.LightningModule):
         seed: the weight-init seed (nanochat: 42 on every rank).
         model_tag: nanochat's output folder name; the final model is exported in nanochat's format to
             ``<base_dir>/base_checkpoints/<model_tag or d{depth}>/`` (``export=False`` skips it).
+        loss_chunk_size: compute the loss head ``loss_chunk_size`` rows (of ``B*T``) at a time instead of all at
+            once (``nanolit.loss``): same loss and gradients, without the ``[B*T, vocab]`` fp32 logits in memory,
+            so a larger ``device_batch_size`` fits; 0 (nanochat's one-shot head) disables it.
         shard_optimizer: shard the optimizer state and Muon's work across ranks like nanochat's
             DistAdamW/DistMuon (``nanolit.sharded``); needs ``--trainer.strategy=ddp_nowrap``. The optimizers
             average the gradients themselves, so the clip sees each rank's local gradient, as in nanochat (§16.1).
@@ -87,6 +90,7 @@ class GPTModule(L.LightningModule):
         model_tag: str = "",
         export: bool = True,
         shard_optimizer: bool = False,
+        loss_chunk_size: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -200,7 +204,7 @@ class GPTModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def loss_per_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in nats, ``[B*T]`` (protocol for the BPB callback)."""
-        return self.eval_model(x, y, loss_reduction="none")
+        return self.eval_model(x, y, loss_reduction="none", loss_chunk_size=self.hparams.loss_chunk_size)
 
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation with the KV cache (protocol for the sampling callback)."""
@@ -220,7 +224,7 @@ class GPTModule(L.LightningModule):
         total = torch.zeros((), device=batch.device)
         for i in range(self.grad_accum_steps):
             x, y = self.inputs_and_targets(batch[i])
-            loss = self.train_model(x, y)
+            loss = self.train_model(x, y, loss_chunk_size=self.hparams.loss_chunk_size)
             last = i == self.grad_accum_steps - 1
             # skip the DDP all-reduce on every micro-step but the last (lightning-notes §1)
             sync = contextlib.nullcontext() if last or not isinstance(strategy, ParallelStrategy) \
@@ -372,7 +376,14 @@ class GPTModule(L.LightningModule):
             "grad clip": f"{hp.grad_clip:g}" if hp.grad_clip > 0 else "off",
             "precision": str(self.trainer.precision),
         }
-        return {**plan, **self.lr_plan()}
+        return {**plan, **self.loss_head_plan(), **self.lr_plan()}
+
+    def loss_head_plan(self) -> dict[str, str]:
+        """How the loss head runs (``loss_chunk_size``), for the training plan."""
+        chunk, rows = self.hparams.loss_chunk_size, self.hparams.device_batch_size * self.hparams.max_seq_len
+        if chunk <= 0:
+            return {"loss head": f"one shot: [{rows:,} x vocab] logits per micro-batch (loss_chunk_size=0)"}
+        return {"loss head": f"chunks of {min(chunk, rows):,} rows, {math.ceil(rows / chunk)} per micro-batch"}
 
     def on_fit_start(self) -> None:
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask, not only rank zero

@@ -16,6 +16,15 @@ EVAL_BUNDLE = SHARED / "data" / "eval_bundle"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def isolated_base_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's default base dir is its own temp folder: nothing lands in the user's ~/.cache/nanolit."""
+    path = tmp_path_factory.mktemp("base_dir")
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+    monkeypatch.setenv("NANOLIT_BASE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def nanochat_d2() -> Path:
     """The real nanochat d2 checkpoint folder (model_000050.pt, meta, tokenizer/, base_data/, expected.json)."""

@@ -75,3 +75,16 @@ def test_dataloader_benchmark_on_real_text(tiny_base_dir, tmp_path):
     assert result["steps"] >= 1 and result["tok_per_sec"] > 0
     assert 1 < result["bytes_per_token"] < 8  # FineWeb-Edu text through a 4096-token BPE
     assert result["meets_target"] == (result["x_d20"] >= 10)
+
+
+def test_loss_head_benchmark_compares_variants(tmp_path):
+    out = tmp_path / "loss_head.json"
+    run_script("loss_head.py", "--depth", "2", "--vocab-size", "8192", "--device-batch-size", "2", "--seq-len", "64",
+               "--chunks", "16", "--steps", "1", "--warmup", "1", "--rounds", "2", "--threads", "1", "--json", str(out))
+    variants = json.loads(out.read_text())["variants"]
+    assert [v["chunk"] for v in variants] == [0, 16]  # the one-shot baseline is always measured first
+    base, chunked = variants
+    assert len(base["runs"]) == len(chunked["runs"]) == 2 and base["time_ratio"] == 1.0
+    assert chunked["loss"] == pytest.approx(base["loss"], rel=1e-6)  # same loss, computed two ways
+    assert chunked["memory_ratio"] == pytest.approx(chunked["peak_growth_mib"] / base["peak_growth_mib"])
+    assert base["peak_growth_mib"] > chunked["peak_growth_mib"] > 0  # 128 x 8192 fp32 logits: 4 MiB a copy

@@ -75,6 +75,16 @@ def test_resume_from_last_continues_the_step_count(quick_run, tiny_base_dir, tmp
     assert not any(r.get("val/bpb") for r in metrics(root))  # -1 really disables, even the final eval
 
 
+def test_chunked_loss_head_gives_the_same_run_start(quick_run, tiny_base_dir, tmp_path):
+    """--model.loss_chunk_size reaches training and the BPB evaluation: step 0 matches the one-shot run."""
+    fit(tiny_base_dir, tmp_path, "--model.num_iterations=2", "--bpb.eval_every=2", "--sample.sample_every=-1",
+        "--model.export=false", "--model.loss_chunk_size=24")  # 64 rows per micro-batch: chunks of 24, 24, 16
+    ours, ref = metrics(tmp_path), metrics(quick_run)
+    for key in ("val/bpb", "train/loss"):
+        first = [float(r[key]) for r in ours if r.get(key)][0]
+        assert first == pytest.approx([float(r[key]) for r in ref if r.get(key)][0], rel=1e-5), key
+
+
 def test_print_config_links_shared_knobs(tiny_base_dir, capsys):
     with pytest.raises(SystemExit) as e:
         fit(tiny_base_dir, "/tmp/unused", "--print_config")
