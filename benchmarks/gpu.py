@@ -14,6 +14,7 @@ loader's job, benchmarked by ``benchmarks/dataloader.py``.
 
     python benchmarks/gpu.py --depths 12 20                      # the issue's two models, B=32, T=2048
     python benchmarks/gpu.py --depths 4 8 16 26 --budget 300     # scaling points, until 300 s are spent
+    python benchmarks/gpu.py --depths 20 --loss-chunk-size 8192  # the chunked loss head (nanolit/loss.py)
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per depth")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, allocator warm-up)")
     p.add_argument("--no-compile", action="store_true", help="eager model (Newton-Schulz stays compiled on CUDA)")
+    p.add_argument("--loss-chunk-size", type=int, default=0,
+                   help="GPTModule's loss_chunk_size (nanolit/loss.py); 0: nanochat's one-shot head")
     p.add_argument("--budget", type=float, default=0.0, help="skip the remaining depths after this many seconds")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (fp32, no MFU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -86,7 +89,7 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
         batch = batches[i % len(batches)]
         for a in range(accum):
             with autocast_context(device):
-                loss = train_model(batch[a, :, :-1], batch[a, :, 1:])
+                loss = train_model(batch[a, :, :-1], batch[a, :, 1:], loss_chunk_size=args.loss_chunk_size)
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         lrm = lr_multiplier(i, num_steps)
@@ -121,7 +124,7 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
     return {
         "depth": depth, "params": model.num_params(), "flops_per_token": flops_per_token,
         "device_batch_size": B, "seq_len": T, "grad_accum": accum, "tokens_per_step": total,
-        "compiled": not args.no_compile, "warmup_s": round(warmup_s, 1), "step_ms": round(dt * 1000, 2),
+        "compiled": not args.no_compile, "loss_chunk_size": args.loss_chunk_size, "warmup_s": round(warmup_s, 1), "step_ms": round(dt * 1000, 2),
         "tok_per_sec": int(total / dt),
         "mfu_pct": round(100 * flops_per_token * total / dt / peak, 2) if peak else None,
         "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == "cuda" else None,

@@ -58,9 +58,11 @@ def test_step_overhead_mirrors_the_cli(tiny_base_dir, tmp_path, monkeypatch):
 def test_gpu_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     run_script("gpu.py", "--device", "cpu", "--depths", "2", "--device-batch-size", "2", "--seq-len", "32",
-               "--vocab-size", "256", "--steps", "2", "--warmup", "1", "--no-compile", "--json", str(out))
+               "--vocab-size", "256", "--steps", "2", "--warmup", "1", "--no-compile", "--loss-chunk-size", "16",
+               "--json", str(out))
     (result,) = json.loads(out.read_text())
     assert result["depth"] == 2 and result["tokens_per_step"] == 64 and result["grad_accum"] == 1
+    assert result["loss_chunk_size"] == 16
     assert 0 < result["muon_ms"] < result["step_ms"] and result["mfu_pct"] is None  # no peak FLOP/s on CPU
     assert result["tok_per_sec"] == pytest.approx(64 / (result["step_ms"] / 1000), rel=1e-2)
 
