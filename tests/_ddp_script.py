@@ -80,11 +80,11 @@ class Record(L.Callback):
         self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))  # before clipping
 
 
-def main(out_dir: Path, devices: int) -> None:
+def main(out_dir: Path, devices: int, loss_chunk_size: int = 0) -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
     module = CountingGPTModule(depth=1, max_seq_len=T, device_batch_size=B,
                                total_batch_size=GLOBAL_MICRO_BATCHES * B * T, num_iterations=STEPS,
-                               vocab_size=VOCAB, compile=False, export=False)
+                               vocab_size=VOCAB, compile=False, export=False, loss_chunk_size=loss_chunk_size)
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -99,4 +99,4 @@ def main(out_dir: Path, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), *map(int, sys.argv[3:]))
