@@ -41,7 +41,8 @@ def resolve_num_iterations(num_iterations: int, target_flops: float, target_para
 
 
 class GPTModule(L.LightningModule):
-    """nanochat base training. Every ``__init__`` argument is a base_train knob with its name and default.
+    """nanochat base training. base_train's knobs keep their names and defaults; nanolit's own (``compile``,
+    ``export``, ``shard_optimizer``, ``loss_chunk_size``) default to what nanochat does on one GPU.
 
     Args:
         depth: transformer layers; width is ``64*depth`` and heads have dim 128 (spec §1.2).
