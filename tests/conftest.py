@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ FIXTURE_D2 = SHARED / "fixtures" / "nanochat_d2"
 EVAL_BUNDLE = SHARED / "data" / "eval_bundle"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+WORDS = "the a of river stone light quick brown fox jumps over lazy dog seven blue tables 42 ! , .".split()
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +65,18 @@ def make_base_dir(root: Path, tokenizer_dir: Path, num_docs: int = 400, chars_pe
     write_shards_from_text([corpus], base / "base_data", chars_per_shard=chars_per_shard, row_group_size=64,
                            val_fraction=0.1)
     return base
+
+
+def write_word_shards(root: Path, num_docs: int, max_words: int, chars_per_shard: int, seed: int) -> list[Path]:
+    """Shards under ``root/base_data`` of ``num_docs`` random documents of 2..``max_words`` WORDS (seeded), 4 documents
+    per row group and 10% val: many small row groups, so that resume and rank striding have something to skip."""
+    from nanolit.data.shards import write_shards_from_text
+
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, max_words))) for _ in range(num_docs)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return write_shards_from_text([root / "docs.jsonl"], root / "base_data", chars_per_shard=chars_per_shard,
+                                  row_group_size=4, val_fraction=0.1)
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,18 @@
 """BaseDataModule: setup errors, properties, and exact mid-run resume through Lightning (lightning-notes §3)."""
 from __future__ import annotations
 
-import json
-import random
 import shutil
 import warnings
 
 import lightning.pytorch as L
 import pytest
 import torch
+from conftest import write_word_shards
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nanolit.common import NanolitError
 from nanolit.data.datamodule import BaseDataModule
-from nanolit.data.shards import write_shards_from_text
 
-WORDS = "the a of river stone light quick brown fox jumps over lazy dog seven blue tables 42 ! , .".split()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SMALL = dict(device_batch_size=2, max_seq_len=16, total_batch_size=64, eval_tokens=96)  # A = 64 / 32 = 2
 
@@ -25,11 +22,7 @@ def base_dir(tmp_path_factory, nanochat_d2):
     """A nanochat-layout base dir: the fixture's tokenizer and a few tiny shards built from random text."""
     base = tmp_path_factory.mktemp("base")
     shutil.copytree(nanochat_d2 / "tokenizer", base / "tokenizer")
-    rng = random.Random(1)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 25))) for _ in range(80)]
-    (base / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    write_shards_from_text([base / "docs.jsonl"], base / "base_data", chars_per_shard=600, row_group_size=4,
-                           val_fraction=0.1)
+    write_word_shards(base, num_docs=80, max_words=25, chars_per_shard=600, seed=1)
     return base
 
 

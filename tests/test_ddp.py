@@ -2,9 +2,7 @@
 on the last micro-step, rank zero alone prints and saves, and a 2-node torchrun run trains and checkpoints."""
 from __future__ import annotations
 
-import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -14,10 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _train_script import TESTS_DIR, callback, write_config
-
-from nanolit.data.shards import write_shards_from_text
-
-WORDS = "the a of river stone light quick brown fox jumps over lazy dog seven blue tables 42 ! , .".split()
+from conftest import write_word_shards
 
 
 def run_equivalence(out_dir: Path, devices: int, loss_chunk_size: int = 0) -> dict:
@@ -74,11 +69,7 @@ def strided_base_dir(tmp_path, nanochat_d2) -> Path:
     """A base dir whose shards have several row groups, so that 2 ranks both get documents (spec §10.2)."""
     base = tmp_path / "base"
     shutil.copytree(nanochat_d2 / "tokenizer", base / "tokenizer")
-    rng = random.Random(1)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))) for _ in range(200)]
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    write_shards_from_text([tmp_path / "docs.jsonl"], base / "base_data", chars_per_shard=2000, row_group_size=4,
-                           val_fraction=0.1)
+    write_word_shards(base, num_docs=200, max_words=40, chars_per_shard=2000, seed=1)
     return base
 
 

@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_word_shards
 
 from nanolit.common import NanolitError
-from nanolit.data.loader import TrainTokenStream, grad_accum_steps, resume_state_for_rank, val_batches
+from nanolit.data.loader import (
+    TrainTokenStream,
+    grad_accum_steps,
+    resume_state_for_rank,
+    val_batches,
+)
 from nanolit.data.shards import train_val_split, write_shards_from_text
 from nanolit.tokenizer import Tokenizer
 
-WORDS = "the a of river stone light quick brown fox jumps over lazy dog seven blue tables 42 ! , .".split()
 B, T, A = 2, 16, 2
 
 
@@ -28,12 +32,8 @@ def tokenizer(nanochat_d2) -> Tokenizer:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[list, list]:
     """(train files, [val file]): 60 random docs, 4 docs per row group, several shards with several row groups."""
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 25))) for _ in range(60)]
-    root = tmp_path_factory.mktemp("shards")
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    paths = write_shards_from_text([root / "docs.jsonl"], root / "base_data", chars_per_shard=600, row_group_size=4,
-                                   val_fraction=0.1)
+    paths = write_word_shards(tmp_path_factory.mktemp("shards"), num_docs=60, max_words=25, chars_per_shard=600,
+                              seed=0)
     train, val = train_val_split(paths)
     assert len(train) >= 2 and pq.ParquetFile(train[0]).num_row_groups >= 3
     return train, val
