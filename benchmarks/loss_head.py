@@ -80,8 +80,8 @@ def worker(args: argparse.Namespace) -> dict:
         synchronize(device.type)
         if step >= args.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"chunk": args.worker, "median_ms": statistics.median(times), "peak_growth_mib": (peak_bytes(device) - base) / 2**20,
-            "loss": loss.item()}
+    return {"chunk": args.worker, "median_ms": statistics.median(times),
+            "peak_growth_mib": (peak_bytes(device) - base) / 2**20, "loss": loss.item()}
 
 
 def run_variant(chunk: int, argv: list[str]) -> dict:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['loss']:>10.6f}")
     result = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "json")}, "variants": rows}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        args.json.write_text(json.dumps(result, indent=1))
     return result
 
 

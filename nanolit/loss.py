@@ -2,9 +2,10 @@
 
 The one-shot head materialises [B*T, vocab] logits several times over: the matmul output, its fp32 copy, the
 softcapped values and the log-softmax that autograd saves. At d20 (B=32, T=2048, vocab 65536) each fp32 copy is
-16 GiB; users on 24 GB cards report running d20 at ``device_batch_size`` 4 (spec §15.1). Here only ``chunk_size`` rows of
-logits exist at a time, and the gradients for ``x`` and the head weight are computed in the same pass, so the
-backward does no recomputation (the same matmul FLOPs as the one-shot head: one forward, two backward).
+16 GiB; users on 24 GB cards report running d20 at ``device_batch_size`` 4 (spec §15.1). Here only
+``chunk_size`` rows of logits exist at a time, and the gradients for ``x`` and the head weight are computed in
+the same pass, so the backward does no recomputation (the same matmul FLOPs as the one-shot head: one forward,
+two backward).
 
 torch's own ``F.linear_cross_entropy`` (2.13) chunks the same way but has no hook for the softcap between the
 linear layer and the loss, hence this file.
@@ -16,12 +17,14 @@ import torch
 IGNORE_INDEX = -1  # nanochat's padding target (spec §1.8)
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    # The matmul runs in the dtype autocast would give ``lm_head(x)``, so the logits equal the one-shot head's.
+def _in_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The matmuls run in the dtype autocast would give ``lm_head(x)``, so the logits equal the one-shot head's.
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(x.dtype, weight.dtype)
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+    return x.to(dtype), weight.to(dtype)
 
 
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -47,9 +50,8 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
                 chunk_size: int) -> torch.Tensor:
-        dtype = _compute_dtype(x, weight)
+        xc, wc = _in_compute_dtype(x, weight)
         with torch.autocast(x.device.type, enabled=False):
-            xc, wc = x.to(dtype), weight.to(dtype)
             # A tensor, not a Python int: no host sync. All rows ignored gives 0/0 = nan, as F.cross_entropy does.
             count = (targets != IGNORE_INDEX).sum().float()
             loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
@@ -65,7 +67,7 @@ class _ChunkedSoftcapCE(torch.autograd.Function):
                 grad.scatter_add_(1, t.clamp(min=0).unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
                 grad.mul_(((t != IGNORE_INDEX).float() / count).unsqueeze(1))
                 grad.mul_(capped.div_(softcap).square_().neg_().add_(1.0))
-                grad = grad.to(dtype)
+                grad = grad.to(xc.dtype)
                 grad_x[s:e] = grad @ wc
                 grad_w += (grad.t() @ xc[s:e]).float()
         ctx.save_for_backward(grad_x, grad_w)
@@ -98,9 +100,8 @@ def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
                              "run other reductions under torch.no_grad()")
         return _ChunkedSoftcapCE.apply(x, weight, targets, softcap, chunk_size)
     # Evaluation: no gradient work at all, just the per-row losses a chunk at a time.
-    dtype = _compute_dtype(x, weight)
+    xc, wc = _in_compute_dtype(x, weight)
     with torch.autocast(x.device.type, enabled=False):
-        xc, wc = x.to(dtype), weight.to(dtype)
         losses = torch.cat([_row_losses(_chunk_logits(xc[s:e], wc, softcap), targets[s:e])[0]
                             for s, e in _chunks(x.size(0), chunk_size)])
     if reduction == "none":

@@ -4,13 +4,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-import nanolit.model
-
-from nanolit.loss import softcap_cross_entropy
-from nanolit.model import GPTConfig, build_gpt
 from test_model import load_fixture_model
 from test_module import FixedSteps, make_module, make_steps, trainer
+
+import nanolit.model
+from nanolit.loss import softcap_cross_entropy
+from nanolit.model import GPTConfig, build_gpt
 
 N, D, V = 300, 32, 1000
 
