@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --timeout=900
+	$(PY) -m pytest -q --timeout=900
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

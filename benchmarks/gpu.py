@@ -125,7 +125,7 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
         "depth": depth, "params": model.num_params(), "flops_per_token": flops_per_token,
         "device_batch_size": B, "seq_len": T, "grad_accum": accum, "tokens_per_step": total,
         "compiled": not args.no_compile, "loss_chunk_size": args.loss_chunk_size, "warmup_s": round(warmup_s, 1), "step_ms": round(dt * 1000, 2),
-        "tok_per_sec": int(total / dt),
+        "tok_per_sec": round(total / dt, 1),
         "mfu_pct": round(100 * flops_per_token * total / dt / peak, 2) if peak else None,
         "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == "cuda" else None,
         "muon_ms": round(muon_ms, 2), "muon_share_pct": round(100 * muon_ms / (dt * 1000), 2),

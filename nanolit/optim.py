@@ -17,15 +17,18 @@ from nanolit.common import NanolitError
 # around 1 as fast as possible rather than to converge exactly to 1 (which would need many more steps).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
+# The Newton-Schulz precision when none is given: nanochat d575940 casts to bf16 (nanochat/muon.py).
+NS_DTYPE = torch.bfloat16
+
 # AdamW hyperparameters nanochat uses for the embedding and the unembedding (§1.13, §3.1).
 ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
 
 
-def _newtonschulz5(G: Tensor, steps: int) -> Tensor:
+def _newtonschulz5(G: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Eager Newton-Schulz iteration on the last two dims of ``G`` (see :func:`zeropower_via_newtonschulz5`)."""
     a, b, c = NS_COEFFS
-    X = G.bfloat16()  # bf16 is stable for this iteration and is what nanochat runs, so results match it
+    X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # iterate on the wide orientation: X @ X.mT is then the smaller of the two Gram matrices
@@ -48,18 +51,21 @@ def _compiled_newtonschulz5() -> Callable[[Tensor, int], Tensor]:
     return torch.compile(_newtonschulz5, dynamic=False)
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
     """Approximately orthogonalise ``G`` (..., rows, cols): U S Vᵀ -> U S' Vᵀ with S' in a band around 1.
 
     Spec §2.1: cast to bf16, work on the wide orientation, divide by (Frobenius norm + 1e-7), then ``steps``
     quintic iterations X <- aX + (bA + cA²)X with A = XXᵀ. Each iteration maps every singular value x to
     p(x) = ax + bx³ + cx⁵; p keeps [0.682, 1.134] invariant, so singular values that start above ~1% of the
-    Frobenius norm end within that band after 5 steps. Returns bf16. Compiled on CUDA, eager elsewhere.
+    Frobenius norm end within that band after 5 steps. Compiled on CUDA, eager elsewhere.
+
+    ``dtype`` is the iteration's precision, :data:`NS_DTYPE` (bf16, what nanochat d575940 runs) when ``None``:
+    bf16 is stable for this iteration, and fp32 exists for comparisons that must not depend on where bf16 rounds.
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix (or a batch of them); got shape {tuple(G.shape)}")
     fn = _compiled_newtonschulz5() if G.is_cuda else _newtonschulz5
-    return fn(G, steps)
+    return fn(G, steps, NS_DTYPE if dtype is None else dtype)
 
 
 class Muon(torch.optim.Optimizer):
