@@ -35,10 +35,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
-                               TokenThroughputMonitor)
-from nanolit.callbacks.preemption import PreemptionCheckpoint
-from nanolit.callbacks.progress import NanoProgressBar
+from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, PreemptionCheckpoint, ReportWriter,
+                               RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor)
 from nanolit.common import autocast_context, synchronize
 from nanolit.data.corpus import write_default_corpus
 from nanolit.data.datamodule import BaseDataModule
@@ -127,11 +125,11 @@ class StepClock(L.Callback):
 
 def cli_callbacks(ckpt_dir: Path) -> list[L.Callback]:
     """What ``NanoCLI`` installs: its callback groups (evaluations disabled) and ``instantiate_trainer``'s list."""
+    defaults = [RunState(), StepLine(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
+                ReportWriter()]
     groups = [EMALossLogger(), BPBValidation(eval_every=-1), COREEvaluation(core_metric_every=-1),
-              Sampler(sample_every=-1), StepCheckpoint(dirpath=str(ckpt_dir))]
-    defaults = [TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"), ReportWriter(),
-                PreemptionCheckpoint(), NanoProgressBar()]
-    return groups + defaults
+              Sampler(sample_every=-1), StepCheckpoint(dirpath=str(ckpt_dir)), PreemptionCheckpoint()]
+    return defaults + groups  # no progress bar: the CLI shows one only on a terminal
 
 
 def run_lightning(args: argparse.Namespace, base: Path, work: Path) -> tuple[float, float]:
@@ -148,6 +146,7 @@ def run_lightning(args: argparse.Namespace, base: Path, work: Path) -> tuple[flo
         accelerator=args.device, devices=1, default_root_dir=str(work),
         precision="bf16-mixed" if args.device == "cuda" else "32-true",  # NanoCLI's defaults from here on
         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=args.log_every, max_epochs=-1,
+        enable_progress_bar=False, enable_model_summary=False,
         logger=CSVLogger(save_dir=str(work), name="logs"), callbacks=[clock] + cli_callbacks(work / "checkpoints"),
     )
     with warnings.catch_warnings():

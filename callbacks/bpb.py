@@ -1,4 +1,5 @@
-"""Validation bits per byte during training (spec §4.10 step 1, §6), as a torchmetrics metric plus a callback."""
+"""Validation bits per byte during training, as a torchmetrics metric plus a callback (nanochat d575940
+``scripts/base_train.py`` evaluates it with ``nanochat/loss_eval.py``)."""
 from __future__ import annotations
 
 import math
@@ -8,14 +9,15 @@ import lightning.pytorch as L
 import torch
 from torchmetrics import Metric
 
-from nanolit.callbacks.periodic import PeriodicEvaluation, check_interval, log_to_loggers
-from nanolit.callbacks.periodic import evaluation_mode
+from nanolit.callbacks.periodic import PeriodicEvaluation, check_interval, evaluation_mode
+from nanolit.callbacks.protocols import LossPerToken, TokenData, require
 from nanolit.common import NanolitError
 from nanolit.eval.bpb import bits_per_byte, bpb_sums
+from nanolit.lightning_adapter import log_to_loggers
 
 
 class BitsPerByte(Metric):
-    """``sum(nats) / (ln 2 * sum(bytes))`` over all target tokens seen, on every rank (spec §6).
+    """``sum(nats) / (ln 2 * sum(bytes))`` over all target tokens seen, on every rank.
 
     The states are sums (``dist_reduce_fx="sum"``), so ``compute()`` is the same all-reduce nanochat does, and
     partial states from several ranks or several shards merge exactly. ``compute()`` is a collective under DDP:
@@ -44,36 +46,25 @@ class BitsPerByte(Metric):
 class BPBValidation(PeriodicEvaluation):
     """Evaluate val bits per byte at step 0, every ``eval_every`` steps and on the final model (-1: never).
 
-    Protocol:
-
-    * ``pl_module.loss_per_token(x, y) -> Tensor[B*T]``: per-token cross-entropy in nats (``reduction='none'``,
-      ``ignore_index=-1``);
-    * ``trainer.datamodule.val_dataloader()`` yields ``(x, y)`` batches, this rank's share of the eval tokens
-      (the datamodule's ``eval_tokens`` sets how many; nanochat rebuilds the loader at each eval so every eval
-      scores the same tokens), and ``trainer.datamodule.token_bytes`` is an int tensor [V] of bytes per token.
+    Protocol (``nanolit.callbacks.protocols``): the module is a :class:`LossPerToken`, the DataModule a
+    :class:`TokenData` (its ``val_dataloader()`` must give the same tokens at every evaluation, as nanochat rebuilds
+    its val loader each time).
 
     Every rank must take part (the metric is all-reduced). Logs ``val/bpb``; prints nanochat's
-    ``Step 00250 | Validation bpb: 0.8119`` line on rank zero. ``min_val_bpb``, ``last_val_bpb`` and the
-    ``history`` of ``(step, bpb)`` are checkpointed for the report and resumed runs.
+    ``Step 00250 | Validation bpb: 0.8119`` line on rank zero. The value, its minimum and the ``(step, bpb)``
+    history go into the run state (:class:`nanolit.runstate.RunState`), which is checkpointed.
     """
 
     def __init__(self, eval_every: int = 250) -> None:
         super().__init__(check_interval("eval_every", eval_every), at_step_zero=True)
         self.metric = BitsPerByte()
-        self.min_val_bpb = math.inf
-        self.last_val_bpb: float | None = None
-        self.history: list[tuple[int, float]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit" or not self.enabled:
             return
-        if not callable(getattr(pl_module, "loss_per_token", None)):
-            raise NanolitError(f"BPBValidation needs {type(pl_module).__name__}.loss_per_token(x, y) returning "
-                               "per-token losses in nats; add it or remove the callback")
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "token_bytes"):
-            raise NanolitError("BPBValidation needs a DataModule with val_dataloader() and token_bytes; "
-                               "pass one to fit() or remove the callback")
+        require(pl_module, LossPerToken, "BPBValidation", "module")
+        require(trainer.datamodule, TokenData, "BPBValidation", "DataModule")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         datamodule = trainer.datamodule
@@ -88,18 +79,11 @@ class BPBValidation(PeriodicEvaluation):
                 self.metric.update(pl_module.loss_per_token(x, y), y, token_bytes)
         val_bpb = float(self.metric.compute())  # all ranks: a collective
         self.metric.reset()
-        self.last_val_bpb = val_bpb
-        self.min_val_bpb = min(self.min_val_bpb, val_bpb)
-        self.history.append((step, val_bpb))
+        if not math.isfinite(val_bpb):
+            # no scored byte (all targets special or ignored) or a diverged model: never a result to keep
+            raise NanolitError(f"validation bpb is {val_bpb} at step {step}: the val tokens have no bytes to score "
+                               "(check the val shard) or the model diverged")
+        self.run_state.record_val_bpb(step, val_bpb)
         if trainer.is_global_zero:
             print(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
         log_to_loggers(trainer, {"val/bpb": val_bpb}, step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"min_val_bpb": self.min_val_bpb, "last_val_bpb": self.last_val_bpb,
-                "history": [list(item) for item in self.history]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.min_val_bpb = state_dict["min_val_bpb"]
-        self.last_val_bpb = state_dict["last_val_bpb"]
-        self.history = [(int(step), float(bpb)) for step, bpb in state_dict["history"]]

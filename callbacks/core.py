@@ -1,16 +1,17 @@
-"""The CORE metric during training (spec §4.10 step 2, §7): every ``core_metric_every`` steps and at the end."""
+"""The CORE metric during training (nanochat d575940 ``scripts/base_train.py`` with ``nanochat/core_eval.py``):
+every ``core_metric_every`` steps and at the end."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nanolit.callbacks.periodic import PeriodicEvaluation, check_interval, check_positive, evaluation_mode
-from nanolit.callbacks.periodic import log_to_loggers
+from nanolit.callbacks.protocols import HasEvalModel, HasTokenizer, require
 from nanolit.common import NanolitError, get_base_dir
 from nanolit.eval.core import evaluate_core, load_bundle, load_task_data
+from nanolit.lightning_adapter import log_to_loggers
 
 
 class COREEvaluation(PeriodicEvaluation):
@@ -20,17 +21,16 @@ class COREEvaluation(PeriodicEvaluation):
     the standalone ``nanolit eval core`` uses all). ``bundle_dir`` defaults to ``<base_dir>/eval_bundle``;
     ``tasks`` keeps only those labels.
 
-    Protocol:
-
-    * ``pl_module.eval_model``: an uncompiled ``nn.Module`` with ``model(idx[B, T]) -> logits[B, T, V]``
-      (prompt shapes vary, so nanochat scores its uncompiled ``orig_model``);
-    * ``trainer.datamodule.tokenizer`` with ``encode(texts, prepend=id)`` and ``get_bos_token_id()``.
+    Protocol (``nanolit.callbacks.protocols``): the module :class:`HasEvalModel` (an uncompiled model for prompts
+    of any length, as nanochat scores its uncompiled ``orig_model``; a model with a context limit says so with
+    ``eval_model.max_seq_len``, and prompts are then cropped from the left), the DataModule :class:`HasTokenizer`.
 
     Every rank takes part: the examples are split across ranks and the results summed.
 
     An optional resource must not kill a long run: if the bundle, a task file or a line of it is missing or
-    malformed, the callback warns loudly once and switches itself off; training goes on. Logs ``core/metric``
-    and ``core/<task>`` (centered accuracy); ``last_result`` (checkpointed) holds the latest evaluation.
+    malformed, or the model fails on a prompt, the callback warns loudly once and switches itself off; training goes
+    on. Logs ``core/metric`` and ``core/<task>`` (centered accuracy); the latest evaluation goes into the run
+    state's ``core`` (checkpointed).
     """
 
     def __init__(self, bundle_dir: str | None = None, core_metric_every: int = 2000,
@@ -41,7 +41,6 @@ class COREEvaluation(PeriodicEvaluation):
             raise NanolitError(f"tasks must be a list of CORE task labels, got {tasks!r}")
         self.bundle_dir = bundle_dir
         self.tasks = list(tasks) if tasks is not None else None
-        self.last_result: dict[str, Any] | None = None
         self.disabled_reason: str | None = None
 
     @property
@@ -52,11 +51,11 @@ class COREEvaluation(PeriodicEvaluation):
         return Path(self.bundle_dir) if self.bundle_dir else get_base_dir() / "eval_bundle"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit" or not self.enabled:
             return
-        if not hasattr(pl_module, "eval_model"):  # callbacks set up before the module, which may build it then
-            raise NanolitError(f"COREEvaluation needs {type(pl_module).__name__}.eval_model (an nn.Module "
-                               "returning logits); add it or remove the callback")
+        require(pl_module, HasEvalModel, "COREEvaluation", "module")
+        require(trainer.datamodule, HasTokenizer, "COREEvaluation", "DataModule")
         bundle_dir = self.resolve_bundle_dir()
         try:
             # Read every task file now (the bundle is ~13 MB of JSONL) so a broken bundle shows up at step 0,
@@ -80,16 +79,15 @@ class COREEvaluation(PeriodicEvaluation):
             # Every rank reads the same files, so every rank fails at the same point and stops together.
             self._disable(str(e))
             return
-        self.last_result = {"step": step, "core_metric": out["core_metric"], "results": out["results"],
-                            "centered_results": out["centered_results"]}
+        except (IndexError, RuntimeError) as e:  # the model refused a prompt: longer than its context, say
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self._disable(f"the model failed on a CORE prompt ({type(e).__name__}: {reason}); if it has a context "
+                          "limit, give eval_model a max_seq_len so prompts are cropped to it")
+            return
+        self.run_state.core = {"step": step, "core_metric": out["core_metric"], "results": out["results"],
+                               "centered_results": out["centered_results"]}
         if trainer.is_global_zero:
             print(f"Step {step:05d} | CORE metric: {out['core_metric']:.4f}")
         metrics = {"core/metric": out["core_metric"]}
         metrics.update({f"core/{label}": value for label, value in out["centered_results"].items()})
         log_to_loggers(trainer, metrics, step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_result": self.last_result}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_result = state_dict["last_result"]

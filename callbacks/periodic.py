@@ -1,10 +1,11 @@
-"""The schedule nanochat's evaluations share (spec §4.10): every N steps, and once more on the final model.
+"""The schedule nanochat's evaluations share: every N steps, and once more on the final model.
 
 nanochat's loop runs steps 0..N and, at the top of step ``s`` (before that step's optimizer update), evaluates
 when ``s % every == 0`` or ``s == N``. In Lightning terms ``s`` is ``trainer.global_step`` in
 ``on_train_batch_start`` (optimizer steps completed so far), and ``s == N`` is ``on_train_end``: there is no
 batch after the last one. Doing the periodic work at the *start* of a batch also means a checkpoint saved at the
-end of the previous batch is already on disk before a long CORE run (nanochat issue #446 asks for exactly that).
+end of the previous batch is already on disk before a long CORE run (karpathy/nanochat issue #446 asks for that).
+Under gradient accumulation the first micro-batch of step ``s`` runs the evaluations, once.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import lightning.pytorch as L
 import torch
 
 from nanolit.common import NanolitError, synchronize
+from nanolit.runstate import RunState
 
 
 def check_interval(name: str, value: Any) -> int:
@@ -36,19 +38,6 @@ def check_positive(name: str, value: Any, allow_all: bool = False) -> int:
         return value
     hint = " or -1 for no limit" if allow_all else ""
     raise NanolitError(f"{name} must be a positive number{hint}, got {value}")
-
-
-def log_to_loggers(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Send eval metrics straight to every logger at ``step``, and expose them in ``trainer.callback_metrics``.
-
-    ``pl_module.log`` would hold them until the next ``log_every_n_steps`` boundary and drop them in between, and
-    is not allowed at all in ``on_train_end``; evals are rare, so each one is logged when it happens.
-    """
-    for key, value in metrics.items():
-        trainer.callback_metrics[key] = torch.tensor(value)
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
 
 
 @contextlib.contextmanager
@@ -71,8 +60,9 @@ class PeriodicEvaluation(L.Callback, abc.ABC):
     ``rank_zero_only``: only global rank zero evaluates (sampling); otherwise every rank takes part, because the
     evaluation runs collectives.
 
-    ``eval_seconds`` is the wall time spent evaluating so far; ``TokenThroughputMonitor`` subtracts it from step
-    times, so evals never count as training time (nanochat §4.13), whatever the callback order.
+    The wall time spent evaluating is added to the run state's ``eval_seconds``; ``TokenThroughputMonitor``
+    subtracts it from step times, so evaluations never count as training time (as in nanochat, whose timer stops
+    around them), whatever the callback order.
     """
 
     def __init__(self, every: int, at_step_zero: bool, rank_zero_only: bool = False) -> None:
@@ -80,12 +70,15 @@ class PeriodicEvaluation(L.Callback, abc.ABC):
         self.every = every
         self.at_step_zero = at_step_zero
         self.rank_zero_only = rank_zero_only
-        self.eval_seconds = 0.0
+        self.run_state = RunState()  # replaced by the trainer's in setup
         self._last_eval_step: int | None = None
 
     @property
     def enabled(self) -> bool:
         return self.every != -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.run_state = RunState.of(trainer)
 
     @abc.abstractmethod
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -117,4 +110,4 @@ class PeriodicEvaluation(L.Callback, abc.ABC):
         t0 = time.perf_counter()
         self.evaluate(trainer, pl_module, step)
         synchronize(pl_module.device)
-        self.eval_seconds += time.perf_counter() - t0
+        self.run_state.eval_seconds += time.perf_counter() - t0

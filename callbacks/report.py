@@ -1,4 +1,5 @@
-"""A markdown report of the run, like nanochat's report.md (spec §4.11-4.12, §12), written when fit ends."""
+"""A markdown report of the run, like nanochat's report.md (nanochat d575940 ``nanochat/report.py`` and the
+"Base model training" section ``scripts/base_train.py`` writes), when fit ends."""
 from __future__ import annotations
 
 import datetime
@@ -13,19 +14,16 @@ import lightning
 import lightning.pytorch as L
 import torch
 
-from nanolit.callbacks.bpb import BPBValidation
-from nanolit.callbacks.core import COREEvaluation
-from nanolit.callbacks.ema_loss import EMALossLogger
-from nanolit.callbacks.sampling import Sampler
-from nanolit.callbacks.throughput import TokenThroughputMonitor
 from nanolit.common import atomic_write
+from nanolit.lightning_adapter import StepBoundary, is_logging_step, lr_names
+from nanolit.runstate import RunState
 
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 60
 
 
 def format_value(value: Any) -> str:
-    """nanochat's report formatting (spec §12): floats ``.4f``, ints >= 10000 with separators, else ``str``."""
+    """nanochat's report formatting: floats ``.4f``, ints >= 10000 with separators, else ``str``."""
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
@@ -52,16 +50,12 @@ def sparkline(values: list[float], width: int = SPARK_WIDTH) -> str:
 
 
 def ema_debiased(values: list[float], beta: float = 0.9) -> list[float]:
-    """nanochat's smoothed loss curve (spec §4.10 step 7) for plotting a raw loss series."""
+    """nanochat's smoothed loss curve (debiased EMA, beta 0.9) for plotting a raw loss series."""
     smooth, out = 0.0, []
     for i, value in enumerate(values):
         smooth = beta * smooth + (1 - beta) * value
         out.append(smooth / (1 - beta ** (i + 1)))
     return out
-
-
-def _find(trainer: L.Trainer, cls: type) -> Any:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
 def _bullets(items: dict[str, Any]) -> str:
@@ -71,19 +65,19 @@ def _bullets(items: dict[str, Any]) -> str:
 class ReportWriter(L.Callback):
     """Write ``report.md`` (and PNG plots when matplotlib is installed) into the run directory when fit ends.
 
-    Sections, as nanochat's "Base model training" report (spec §4.12): environment (platform, Python, torch,
-    Lightning, GPUs), config (the module's and datamodule's hyperparameters, trainer settings), run facts
-    (parameters, FLOPs per token, iterations, tokens, tokens:params, world size), outcomes (min and final val
-    bpb, CORE estimate, MFU of the last step, total training FLOPs and time, peak memory), the last CORE table,
-    the last samples, and charts of the train loss, val bpb, learning rates and momenta.
+    Sections, as nanochat's "Base model training" report: environment (platform, Python, torch, Lightning, GPUs),
+    config (the module's and datamodule's hyperparameters, trainer settings), run facts (parameters, FLOPs per
+    token, iterations, tokens, tokens:params, world size), outcomes (min and final val bpb, CORE estimate, MFU of
+    the last step, total training FLOPs and time, peak memory), the last CORE table, the last samples, and charts.
 
-    It reads its sibling callbacks from ``trainer.callbacks`` (``BPBValidation``, ``COREEvaluation``,
-    ``Sampler``, ``TokenThroughputMonitor``, ``EMALossLogger``; any may be absent) and records the per-step
-    train loss (the ``{"loss": ...}`` returned by ``training_step``), each param group's ``lr`` and momentum
-    (``momentum``, or ``betas[0]`` for Adam) itself, after every step; that history is checkpointed, so a
-    resumed run's report has the whole curve. Optional protocol: ``flops_per_token``, ``tokens_per_step``,
-    ``num_iterations`` on the module. Written on global rank zero; ``path`` overrides
-    ``<trainer.log_dir>/report.md``. Plots: ``pip install nanolit[plots]`` for PNGs, else text sparklines.
+    The figures come from the run state (:class:`nanolit.runstate.RunState`). The curves are recorded here after
+    every optimizer step and checkpointed, so a resumed run's report has the whole curve: ``train/loss_raw`` (what
+    the step returned, summed over its micro-batches; charted with its debiased EMA, which is the logged
+    ``train/loss``), and every param group's LR and momentum under ``LearningRateMonitor``'s names
+    (``lr-AdamW/lm_head``, ``lr-AdamW/lm_head-momentum``). Optional protocol: ``flops_per_token``,
+    ``tokens_per_step``, ``num_iterations`` on the module. A fit that trained no step (a finished run relaunched
+    with ``ckpt_path="last"``) writes no report, so the last one stays. Written on global rank zero; ``path``
+    overrides ``<trainer.log_dir>/report.md``. Plots: ``pip install nanolit[plots]`` for PNGs, else text charts.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -91,9 +85,14 @@ class ReportWriter(L.Callback):
         self.path = path
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.report_path: Path | None = Path(path) if path else None
+        self.run_state = RunState()  # replaced by the trainer's in setup
+        self._boundary = StepBoundary()
+        self._trained = False
+        self._step_loss: Any = None  # the current step's returned losses, summed over its micro-batches
         self._pending_loss: list[tuple[int, Any]] = []  # (step, loss) not yet read off the device
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.run_state = RunState.of(trainer)
         # trainer.log_dir is a broadcast: read it here, on every rank, never from rank zero alone.
         if stage == "fit" and self.path is None:
             self.report_path = Path(trainer.log_dir or trainer.default_root_dir) / "report.md"
@@ -108,47 +107,55 @@ class ReportWriter(L.Callback):
         tensors = [loss.float().reshape(()) for _, loss in self._pending_loss if isinstance(loss, torch.Tensor)]
         read = iter(torch.stack(tensors).tolist() if tensors else [])
         for step, loss in self._pending_loss:
-            self._record("train/loss", step, next(read) if isinstance(loss, torch.Tensor) else loss)
+            self._record("train/loss_raw", step, next(read) if isinstance(loss, torch.Tensor) else loss)
         self._pending_loss = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._boundary.start(trainer)
+        self._trained = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step - 1  # the step just taken, nanochat's index
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            # a per-step .item() would stop the host every step; losses are read on logging steps (issue 7)
-            self._pending_loss.append((step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
-            if trainer._logger_connector.should_update_logs:
+            loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+            self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        if not self._boundary.batch_ends(trainer):
+            return
+        self._trained = True
+        step = trainer.global_step - 1  # the step just taken, nanochat's index
+        if self._step_loss is not None:
+            # a per-step .item() would stop the host every step: losses are read on logging steps
+            self._pending_loss.append((step, self._step_loss))
+            self._step_loss = None
+            if is_logging_step(trainer, step):
                 self._flush_losses()
-        for i, optimizer in enumerate(trainer.optimizers):
-            for j, group in enumerate(optimizer.param_groups):
-                name = f"{type(optimizer).__name__}/{group.get('name', f'group{i}.{j}')}"
-                self._record(f"lr/{name}", step, group["lr"])
+        for optimizer, names in zip(trainer.optimizers, lr_names(trainer.optimizers)):
+            for group, name in zip(optimizer.param_groups, names):
+                self._record(name, step, group["lr"])
                 momentum = group.get("momentum", group["betas"][0] if "betas" in group else None)
                 if momentum is not None:
-                    self._record(f"momentum/{name}", step, momentum)
+                    self._record(f"{name}-momentum", step, momentum)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush_losses()
-        if not trainer.is_global_zero or self.report_path is None:
+        if not trainer.is_global_zero or self.report_path is None or not self._trained:
             return
         path = self.report_path
-        bpb = _find(trainer, BPBValidation)
-        if bpb is not None:
-            self.series["val/bpb"] = list(bpb.history)
+        state = self.run_state.flush()
+        if state.val_bpb_history:
+            self.series["val/bpb"] = list(state.val_bpb_history)
         sections = [
             f"# nanolit report\n\nGenerated: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
             "## Environment\n\n" + _bullets(environment()),
             "## Config\n\n" + _bullets(self._config(trainer, pl_module)),
             "## Training\n\n" + _bullets(self._facts(trainer, pl_module)),
         ]
-        core = _find(trainer, COREEvaluation)
-        if core is not None and core.last_result:
-            sections.append(core_table(core.last_result))
-        sampler = _find(trainer, Sampler)
-        if sampler is not None and sampler.last_samples:
-            body = "\n".join(s["sample"] for s in sampler.last_samples)
-            sections.append(f"## Samples (step {sampler.last_step:05d})\n\n```text\n{body}\n```")
+        if state.core:
+            sections.append(core_table(state.core))
+        if state.samples:
+            body = "\n".join(s["sample"] for s in state.samples["samples"])
+            sections.append(f"## Samples (step {state.samples['step']:05d})\n\n```text\n{body}\n```")
         sections.append(self._charts(path.parent))
         with atomic_write(path) as tmp:
             tmp.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
@@ -171,8 +178,7 @@ class ReportWriter(L.Callback):
         tokens_per_step = getattr(pl_module, "tokens_per_step", None)
         num_iterations = getattr(pl_module, "num_iterations", None)
         total_tokens = tokens_per_step * num_iterations if tokens_per_step and num_iterations else None
-        bpb, core = _find(trainer, BPBValidation), _find(trainer, COREEvaluation)
-        monitor, ema = _find(trainer, TokenThroughputMonitor), _find(trainer, EMALossLogger)
+        state = self.run_state
         facts: dict[str, Any] = {
             "Number of parameters": num_params,
             "Number of FLOPs per token": f"{flops_per_token:e}" if flops_per_token else None,
@@ -181,17 +187,15 @@ class ReportWriter(L.Callback):
             "Number of training tokens": total_tokens,
             "Tokens : Params ratio": total_tokens / num_params if total_tokens and num_params else None,
             "DDP world size": trainer.world_size,
-            "Final train loss (EMA)": ema.smooth_loss if ema is not None else None,
+            "Final train loss (EMA)": state.train_loss,
+            "Minimum validation bpb": state.min_val_bpb if state.val_bpb is not None else None,
+            "Final validation bpb": state.val_bpb,
+            "CORE metric estimate": state.core["core_metric"] if state.core else None,
         }
-        if bpb is not None:
-            facts["Minimum validation bpb"] = bpb.min_val_bpb if bpb.last_val_bpb is not None else None
-            facts["Final validation bpb"] = bpb.last_val_bpb
-        if core is not None:
-            facts["CORE metric estimate"] = core.last_result["core_metric"] if core.last_result else None
-        if monitor is not None:
-            facts["MFU %"] = f"{monitor.mfu:.2f}%" if monitor.mfu is not None else "n/a (peak FLOP/s unknown)"
-            facts["Total training flops"] = f"{monitor.flops_so_far:e}"
-            facts["Total training time"] = f"{monitor.total_training_time / 60:.2f}m"
+        if state.dt is not None:
+            facts["MFU %"] = f"{state.mfu:.2f}%" if state.mfu is not None else "n/a (peak FLOP/s unknown)"
+            facts["Total training flops"] = f"{state.total_training_flops:e}"
+            facts["Total training time"] = f"{state.total_training_time / 60:.2f}m"
         facts.update(peak_memory(trainer.strategy.root_device))
         return facts
 
@@ -205,6 +209,8 @@ class ReportWriter(L.Callback):
             lines = []
             for name, points in series.items():
                 steps, values = [p[0] for p in points], [p[1] for p in points]
+                if name == "train/loss_raw":  # the chart shows what is logged as train/loss
+                    name, values = "train/loss (EMA)", ema_debiased(values)
                 lines.append(f"{name:<28} {sparkline(values)}  first {values[0]:.4g}, last {values[-1]:.4g}, "
                              f"min {min(values):.4g}, max {max(values):.4g}  (steps {steps[0]}-{steps[-1]})")
             return ("## Charts\n\nText charts (install matplotlib, `pip install nanolit[plots]`, for PNG plots):"
@@ -267,10 +273,10 @@ def plot_pngs(series: dict[str, list[tuple[int, float]]], out_dir: Path) -> list
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     groups = {
-        "train loss": ("train_loss.png", [n for n in series if n == "train/loss"]),
+        "train loss": ("train_loss.png", [n for n in series if n == "train/loss_raw"]),
         "validation bpb": ("val_bpb.png", [n for n in series if n == "val/bpb"]),
-        "learning rate": ("lr.png", [n for n in series if n.startswith("lr/")]),
-        "momentum": ("momentum.png", [n for n in series if n.startswith("momentum/")]),
+        "learning rate": ("lr.png", [n for n in series if n.startswith("lr-") and not n.endswith("-momentum")]),
+        "momentum": ("momentum.png", [n for n in series if n.endswith("-momentum")]),
     }
     written = []
     for title, (file, names) in groups.items():
@@ -281,8 +287,8 @@ def plot_pngs(series: dict[str, list[tuple[int, float]]], out_dir: Path) -> list
         for name in names:
             steps, values = zip(*series[name])
             ax.plot(steps, values, label=name, linewidth=1)
-            if name == "train/loss":
-                ax.plot(steps, ema_debiased(list(values)), label="EMA (0.9, debiased)", linewidth=1.5)
+            if name == "train/loss_raw":
+                ax.plot(steps, ema_debiased(list(values)), label="train/loss (EMA 0.9, debiased)", linewidth=1.5)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend(fontsize=7)

@@ -1,4 +1,5 @@
-"""Greedy samples from fixed prompts during training (spec §4.10 step 3): a quick look at what the model knows."""
+"""Greedy samples from fixed prompts during training (nanochat d575940 ``scripts/base_train.py``): a quick look at
+what the model knows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,10 @@ import lightning.pytorch as L
 from lightning.pytorch.loggers import WandbLogger
 
 from nanolit.callbacks.periodic import PeriodicEvaluation, check_interval, check_positive, evaluation_mode
+from nanolit.callbacks.protocols import Generates, HasTokenizer, require
 from nanolit.common import NanolitError, atomic_write
 
-# spec §4.10 step 3: nanochat base_train's prompts, in order.
+# nanochat d575940 scripts/base_train.py's prompts, in order.
 NANOCHAT_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -30,15 +32,11 @@ class Sampler(PeriodicEvaluation):
     nanochat prints it. The samples are also appended to ``samples.md`` in the run directory and, with a
     ``WandbLogger``, logged as a wandb table ``samples`` (columns step, prompt, sample).
 
-    Protocol:
+    Protocol (``nanolit.callbacks.protocols``): the module :class:`Generates`, the DataModule
+    :class:`HasTokenizer`.
 
-    * ``pl_module.generate(tokens: list[int], max_tokens: int) -> list[int]``: greedy, returns only the tokens
-      after the prompt (it may stop early, e.g. at ``<|bos|>``). It runs on rank zero alone, so it must not call
-      collectives (use the unwrapped model, not the DDP wrapper);
-    * ``trainer.datamodule.tokenizer`` with ``encode(text, prepend=id)``, ``decode(ids)`` and
-      ``get_bos_token_id()``.
-
-    ``last_samples`` (checkpointed) holds the latest ``[{"prompt", "sample"}]`` for the report.
+    The latest samples go into the run state's ``samples`` (``{"step", "samples": [{"prompt", "sample"}]}``,
+    checkpointed) for the report.
     """
 
     def __init__(self, sample_every: int = 2000, prompts: list[str] | None = None, max_tokens: int = 16) -> None:
@@ -48,16 +46,14 @@ class Sampler(PeriodicEvaluation):
             raise NanolitError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
         self.prompts = list(prompts)
         self.max_tokens = check_positive("max_tokens", max_tokens)
-        self.last_samples: list[dict[str, str]] = []
-        self.last_step: int | None = None
         self.run_dir: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit" or not self.enabled:
             return
-        if not callable(getattr(pl_module, "generate", None)):
-            raise NanolitError(f"Sampler needs {type(pl_module).__name__}.generate(tokens, max_tokens) returning "
-                               "the greedy continuation; add it or remove the callback")
+        require(pl_module, Generates, "Sampler", "module")
+        require(trainer.datamodule, HasTokenizer, "Sampler", "DataModule")
         # trainer.log_dir is a broadcast: read it here, on every rank, never from rank zero alone.
         self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
@@ -70,7 +66,7 @@ class Sampler(PeriodicEvaluation):
                 tokens = tokenizer.encode(prompt, prepend=bos)
                 continuation = [int(t) for t in pl_module.generate(tokens, self.max_tokens)]
                 samples.append({"prompt": prompt, "sample": tokenizer.decode(tokens + continuation)})
-        self.last_samples, self.last_step = samples, step
+        self.run_state.samples = {"step": step, "samples": samples}
         for item in samples:
             print(item["sample"])
         if self.run_dir is not None:
@@ -87,10 +83,3 @@ class Sampler(PeriodicEvaluation):
         body = "\n".join(s["sample"] for s in samples)
         with atomic_write(path) as tmp:
             tmp.write_text(f"{previous}\n## Step {step:05d}\n\n```text\n{body}\n```\n", encoding="utf-8")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_samples": self.last_samples, "last_step": self.last_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_samples = state_dict["last_samples"]
-        self.last_step = state_dict["last_step"]

@@ -1,30 +1,30 @@
-"""Tokens per second, MFU and training time, nanochat's way (spec §4.10 steps 6-7, §4.13), on Lightning's monitor."""
+"""Tokens per second, MFU and training time, nanochat's way (nanochat d575940 ``scripts/base_train.py``)."""
 from __future__ import annotations
 
 import re
 import time
-import warnings
 from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.fabric.utilities.throughput import get_available_flops
 
-from nanolit.callbacks.periodic import log_to_loggers
+from nanolit.callbacks.protocols import TokenCounts, require
 from nanolit.common import NanolitError, synchronize
+from nanolit.lightning_adapter import StepBoundary, is_logging_step, log_to_loggers
+from nanolit.runstate import RunState
 
 # Dense (no sparsity) bf16 tensor-core peak of one GPU, in FLOP/s, keyed by a word in torch.cuda.get_device_name().
 # First match wins, so the specific names come before the general ones. Datasheets quote "with sparsity" figures
 # that are twice these. Lightning 2.6.6's own table has sparse numbers for H100 NVL and H200 and lacks a plain
-# "NVIDIA H200" (lightning-notes §5), so this table is consulted first.
+# "NVIDIA H200", so this table is consulted first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("h200 nvl", 835e12),  # NVIDIA H200 datasheet, H200 NVL column: BF16 1,671 TFLOPS with sparsity
     ("h200", 989e12),  # H200 SXM: same Hopper tensor cores as H100 SXM (datasheet 1,979 sparse); nanochat uses 989e12
     ("gh200", 989e12),  # GH200 datasheet: BF16 1,979 TFLOPS with sparsity (an H100-class GPU)
     ("h100 nvl", 835e12),  # NVIDIA H100 datasheet, H100 NVL column: BF16 1,671 TFLOPS with sparsity
     ("h100 pcie", 756e12),  # NVIDIA H100 datasheet, PCIe column: BF16 1,513 TFLOPS with sparsity
-    ("h100", 989e12),  # H100 SXM ("NVIDIA H100 80GB HBM3"): nanochat's promised_flops_per_sec_h100 (spec §4.10 step 7)
+    ("h100", 989e12),  # H100 SXM: nanochat d575940 base_train's promised_flops_per_sec_h100
     ("a100", 312e12),  # NVIDIA A100 datasheet: BF16 312 TFLOPS (624 sparse), SXM and PCIe alike
     ("l40s", 362e12),  # NVIDIA L40S datasheet: BF16 362.05 TFLOPS (733 sparse)
     ("l40", 181e12),  # NVIDIA Ada GPU architecture whitepaper, L40: BF16 181.05 TFLOPS (362.1 sparse)
@@ -44,164 +44,111 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-def _batch_rows(batch: Any) -> int:
-    """Sequences in a batch: every dimension but the last of its first tensor ([A, B, T+1] -> A*B, [B, T] -> B)."""
-    tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return max(1, tensor.shape[:-1].numel()) if isinstance(tensor, torch.Tensor) else 1
+def device_peak_flops(device: torch.device) -> float | None:
+    """Per-device dense bf16 peak: :data:`PEAK_BF16_FLOPS`, then Lightning's table; None off CUDA (no MFU there)."""
+    if device.type != "cuda":
+        return None
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+    return peak if peak is not None else get_available_flops(device, torch.bfloat16)
 
 
-def _batch_items(batch: Any) -> int:
-    """Token ids in a batch's first tensor (used only outside training, where the token protocol does not apply)."""
-    tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return tensor.numel() if isinstance(tensor, torch.Tensor) else 1
+class TokenThroughputMonitor(L.Callback):
+    """nanochat's per-step numbers: ``dt``, tokens per second, MFU, total training time and FLOPs.
 
+    Protocol: the module is a :class:`nanolit.callbacks.protocols.TokenCounts` (``tokens_per_step``, global tokens
+    per optimizer step, and ``flops_per_token``, forward + backward).
 
-class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` fed by the token protocol, plus nanochat's per-step numbers.
+    A step runs from the start of its first micro-batch to the end of its last (``accumulate_grad_batches`` or a
+    module that accumulates inside ``training_step`` alike). On every logging step (``log_every_n_steps``) ``dt`` is
+    the mean step time of the steps since the last one: the wall time from the start of the first of them to the end
+    of this one, synchronised on CUDA and MPS at those two points only, minus the time evaluations spent in between
+    (the run state's ``eval_seconds``). With ``log_every_n_steps=1`` that is nanochat's per-step ``dt``.
+    ``tok_per_sec = tokens_per_step / dt``; ``mfu = 100 * flops_per_token * tokens_per_step / dt / (peak *
+    world_size)`` in percent, None when the peak is unknown (CPU, MPS, an unlisted GPU) rather than a made-up number;
+    ``total_training_time`` adds ``dt`` only for steps after ``warmup_steps`` (nanochat: ``step > 10``, leaving out
+    compilation); ``total_training_flops = flops_per_token * tokens_per_step * global_step``.
 
-    Protocol: ``pl_module.tokens_per_step`` (int, global tokens per optimizer step) and
-    ``pl_module.flops_per_token`` (float, forward + backward). One ``training_step`` is one optimizer step.
-
-    On every logging step (``log_every_n_steps``), with ``dt`` the mean step time of the steps since the last
-    one: the wall time from ``on_train_batch_start`` of the first of them to ``on_train_batch_end`` of this one,
-    synchronised on CUDA and MPS at those two points only (a sync every step would stall the GPU, issue 7), minus
-    any time the evaluation callbacks spent in between (``eval_seconds``, see ``PeriodicEvaluation``), divided by
-    the number of steps. With ``log_every_n_steps=1`` that is nanochat's per-step ``dt`` (§4.10 step 7).
-    ``tok_per_sec = tokens_per_step / dt``;
-    ``mfu = 100 * flops_per_token * tokens_per_step / dt / (peak * world_size)`` (percent), ``None`` when the
-    peak is unknown (CPU, MPS, an unlisted GPU) rather than a made-up number; ``total_training_time`` adds
-    ``dt`` only for steps after ``warmup_steps`` (nanochat: ``step > 10``, leaving out compilation), the last step
-    closing its window whatever ``log_every_n_steps``, and is checkpointed so a resumed run continues the total;
-    ``flops_so_far = flops_per_token * tokens_per_step * global_step``. Logged as ``train/tok_per_sec``,
-    ``train/mfu``, ``train/dt``, ``total_training_time`` and ``total_training_flops`` every
-    ``log_every_n_steps``, straight to the loggers.
-
-    The base class adds its windowed metrics (``train/device/items_per_sec`` = tokens/s per device,
-    ``train/device/mfu`` as a fraction, ...) once ``window_size`` steps are in; there ``samples`` are
-    sequences and ``items`` are tokens.
-
-    ``peak_flops`` overrides the per-GPU peak. Otherwise :data:`PEAK_BF16_FLOPS` (dense bf16, what nanochat's
-    MFU means), then Lightning's table for the trainer's precision.
+    The figures go into the run state (checkpointed, so a resumed run continues the total) and to the loggers as
+    ``train/tok_per_sec``, ``train/dt``, ``train/mfu``, ``train/total_training_time`` and
+    ``train/total_training_flops``. ``peak_flops`` overrides the per-GPU peak (:data:`PEAK_BF16_FLOPS`: dense bf16,
+    what nanochat's MFU means; then Lightning's table).
     """
 
-    def __init__(self, window_size: int = 100, peak_flops: float | None = None, warmup_steps: int = 10) -> None:
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 2:
-            raise NanolitError(f"window_size must be a whole number >= 2, got {window_size!r}")
+    def __init__(self, peak_flops: float | None = None, warmup_steps: int = 10) -> None:
         if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float))
                                        or peak_flops <= 0):
             raise NanolitError(f"peak_flops must be a positive number of FLOP/s (e.g. 989e12), got {peak_flops!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise NanolitError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
-        super().__init__(batch_size_fn=_batch_rows, length_fn=_batch_items, window_size=window_size)
         self.peak_flops = float(peak_flops) if peak_flops is not None else None
         self.warmup_steps = warmup_steps
-        self.total_training_time = 0.0
-        self.flops_so_far = 0.0
-        self.dt: float | None = None
-        self.tok_per_sec: int | None = None
-        self.mfu: float | None = None
-        self._train_seconds = 0.0  # all measured step time since train start, for the windowed base metrics
+        self.available_flops: float | None = None
+        self.run_state = RunState()  # replaced by the trainer's in setup
+        self._boundary = StepBoundary()
         self._window_start = 0.0  # host clock at the start of the first step not measured yet
-        self._eval_start = 0.0
+        self._eval_start = 0.0  # eval_seconds at that point
         self._window_steps = 0  # steps since the last measurement
         self._window_timed = 0  # of those, steps after warmup_steps (they count towards total_training_time)
-        self._last_step: tuple[L.Trainer, L.LightningModule] | None = None  # to close the window at a save
+        self._device: torch.device | None = None
+        self._trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for name in ("tokens_per_step", "flops_per_token"):
-            if not isinstance(getattr(pl_module, name, None), (int, float)):
-                raise NanolitError(f"TokenThroughputMonitor needs {type(pl_module).__name__}.{name} (a number); "
-                                   "add it or remove the callback")
-        peak = self.peak_flops if self.peak_flops is not None else self._table_peak(trainer.strategy.root_device)
-        with warnings.catch_warnings():
-            if peak is not None:
-                # Lightning's lookup warns about GPUs it lacks (a plain "NVIDIA H200"); the peak is known here.
-                warnings.filterwarnings("ignore", message=".*FLOPs not found.*")
-            super().setup(trainer, pl_module, stage)
-        # Otherwise Lightning's table for the trainer's precision: None on CPU and MPS, so no MFU there.
-        self.available_flops = peak if peak is not None else self.available_flops
-        for throughput in self._throughputs.values():
-            throughput.available_flops = self.available_flops
-
-    @staticmethod
-    def _table_peak(device: torch.device) -> float | None:
-        return peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-    @staticmethod
-    def _eval_seconds(trainer: L.Trainer) -> float:
-        return sum(getattr(cb, "eval_seconds", 0.0) for cb in trainer.callbacks)
+        require(pl_module, TokenCounts, "TokenThroughputMonitor", "module")
+        self.run_state = RunState.of(trainer)
+        self.run_state.add_flusher(self.flush)
+        self._trainer, self._device = trainer, trainer.strategy.root_device
+        self.available_flops = self.peak_flops if self.peak_flops is not None else device_peak_flops(self._device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._train_seconds = 0.0
-        super().on_train_start(trainer, pl_module)
+        self._boundary.start(trainer)
+        self._window_steps = self._window_timed = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._window_steps == 0:
-            synchronize(pl_module.device)
+        if self._boundary.batch_starts() and self._window_steps == 0:
+            synchronize(self._device)
             self._window_start = time.perf_counter()
-            self._eval_start = self._eval_seconds(trainer)
-
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Close the window of steps since the last measurement: ``dt``, tok/s, MFU and the training time."""
-        synchronize(pl_module.device)
-        elapsed = time.perf_counter() - self._window_start
-        window = max(elapsed - (self._eval_seconds(trainer) - self._eval_start), 1e-9)
-        tokens, flops_per_token = pl_module.tokens_per_step, pl_module.flops_per_token
-        self.dt = dt = window / self._window_steps
-        self._train_seconds += window
-        self.tok_per_sec = int(tokens / dt)
-        self.mfu = None
-        if self.available_flops:
-            self.mfu = 100.0 * flops_per_token * tokens / dt / (self.available_flops * trainer.world_size)
-        self.total_training_time += dt * self._window_timed
+            self._eval_start = self.run_state.eval_seconds
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self._boundary.batch_ends(trainer):
+            return
         step = trainer.global_step - 1  # nanochat's step index: the step just taken
-        self._last_step = (trainer, pl_module)
         self._window_steps += 1
         self._window_timed += step > self.warmup_steps
-        self.flops_so_far = pl_module.flops_per_token * pl_module.tokens_per_step * trainer.global_step
         # the last step closes its window here, before a final checkpoint save could land in it
-        if not (trainer._logger_connector.should_update_logs or trainer.global_step == trainer.max_steps):
-            return
-        self._measure(trainer, pl_module)
-        metrics = {"train/tok_per_sec": float(self.tok_per_sec), "train/dt": self.dt,
-                   "total_training_time": self.total_training_time, "total_training_flops": self.flops_so_far}
-        if self.mfu is not None:
-            metrics["train/mfu"] = self.mfu
-        # straight to the loggers: pl_module.log costs ~0.5 ms a value in Lightning's bookkeeping (issue 7)
-        log_to_loggers(trainer, metrics, step=trainer.global_step - 1)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # rank zero: windowed metrics
+        if is_logging_step(trainer, step) or trainer.global_step == trainer.max_steps:
+            self._measure(trainer, pl_module)
+            state = self.run_state
+            metrics = {"train/tok_per_sec": state.tok_per_sec, "train/dt": state.dt,
+                       "train/total_training_time": state.total_training_time,
+                       "train/total_training_flops": state.total_training_flops}
+            if state.mfu is not None:
+                metrics["train/mfu"] = state.mfu
+            log_to_loggers(trainer, metrics, step=step)
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Close the window of steps since the last measurement: ``dt``, tok/s, MFU and the training time."""
+        synchronize(self._device)
+        state = self.run_state
+        elapsed = time.perf_counter() - self._window_start
+        window = max(elapsed - (state.eval_seconds - self._eval_start), 1e-9)
+        tokens, flops_per_token = pl_module.tokens_per_step, pl_module.flops_per_token
+        state.dt = dt = window / self._window_steps
+        state.tok_per_sec = tokens / dt
+        state.mfu = None
+        if self.available_flops:
+            state.mfu = 100.0 * flops_per_token * tokens / dt / (self.available_flops * trainer.world_size)
+        state.total_training_time += dt * self._window_timed
+        state.total_training_flops = flops_per_token * tokens * trainer.global_step
         self._window_steps = self._window_timed = 0
 
+    def flush(self) -> None:
+        """Close an open window (a checkpoint holds the time up to its own step; a stopped run counts its last
+        steps)."""
+        if self._window_steps and self._trainer is not None:
+            self._measure(self._trainer, self._trainer.lightning_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._window_steps:  # a run stopped before max_steps: its last steps still count towards the totals
-            self._measure(trainer, pl_module)
-            self._window_steps = self._window_timed = 0
-
-    @torch.inference_mode()
-    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
-        stage = trainer.state.stage
-        if stage != RunningStage.TRAINING:
-            return super()._update(trainer, pl_module, batch, iter_num)
-        # Lightning's version reads `flops_per_batch` and times from train start (evals included); the token
-        # protocol gives exact counts, and the clock is the eval-free step time measured above.
-        world_size, steps = trainer.world_size, self._window_steps  # the steps measured since the last update
-        self._batches[stage] += steps
-        self._samples[stage] += self.batch_size_fn(batch) * steps
-        self._lengths[stage] += pl_module.tokens_per_step // world_size * steps
-        self._throughputs[stage].update(
-            time=self._train_seconds, batches=self._batches[stage], samples=self._samples[stage],
-            lengths=self._lengths[stage], flops=pl_module.flops_per_token * pl_module.tokens_per_step / world_size)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._window_steps and self._last_step is not None:
-            # a checkpoint holds the time up to its own step, so a resumed run continues the total exactly
-            self._measure(*self._last_step)
-            self._window_steps = self._window_timed = 0
-        return {"total_training_time": self.total_training_time}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.total_training_time = state_dict["total_training_time"]
+        self.flush()

@@ -6,9 +6,12 @@
   ``--core.core_metric_every``, ``--sample.sample_every``, ``--checkpoint.save_every`` (nanochat's names).
 - ``--run NAME`` turns on wandb like nanochat (``dummy``, the default, means no wandb); a CSV log is always written.
 - ``--resume_from_nanochat DIR`` continues a nanochat base-training run (``nanolit.resume``).
+- What a person sees: the plan table, nanochat's line per step and its closing lines (``StepLine``, also in a log
+  file), and a rich progress bar when stdout is a terminal.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -16,17 +19,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, ReportWriter, Sampler, StepCheckpoint,
-                               TokenThroughputMonitor)
-from nanolit.callbacks.preemption import PreemptionCheckpoint
-from nanolit.callbacks.progress import NanoProgressBar
+from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, NanoProgressBar, PreemptionCheckpoint,
+                               ReportWriter, RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor)
 from nanolit.common import NanolitError
 from nanolit.data.datamodule import BaseDataModule
-from nanolit.module import GPTModule
+from nanolit.module import TrainingCore
 from nanolit.resume import resume_from_nanochat
 from nanolit.strategies import NoWrapDDPStrategy  # noqa: F401  (registers --trainer.strategy=ddp_nowrap)
 
 DEFAULT_ROOT = "runs/default"
+# How the callbacks' one-line errors name the ways out, in this command's flags.
+CLI_HINTS = {"resume": "--ckpt_path last", "new_root": "another --trainer.default_root_dir",
+             "overwrite": "--checkpoint.overwrite=true"}
 
 
 class NanoCLI(LightningCLI):
@@ -34,8 +38,8 @@ class NanoCLI(LightningCLI):
 
     def __init__(self, args=None, **kwargs):
         super().__init__(
-            GPTModule, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            auto_configure_optimizers=False,  # Muon + AdamW come from the module (lightning-notes §6)
+            TrainingCore, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            auto_configure_optimizers=False,  # Muon + AdamW come from the module's configure_optimizers
             save_config_kwargs={"overwrite": True},  # a resumed run writes its config into the same folder
             seed_everything_default=42,
             args=args, **kwargs,
@@ -51,6 +55,7 @@ class NanoCLI(LightningCLI):
         parser.add_lightning_class_args(COREEvaluation, "core")
         parser.add_lightning_class_args(Sampler, "sample")
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         for knob in ("max_seq_len", "device_batch_size", "total_batch_size"):
             parser.link_arguments(f"model.init_args.{knob}", f"data.init_args.{knob}")
         parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size,
@@ -63,6 +68,7 @@ class NanoCLI(LightningCLI):
             "trainer.limit_val_batches": 0,  # validation is the BPB callback, at nanochat's steps
             "trainer.num_sanity_val_steps": 0,
             "trainer.log_every_n_steps": 1,
+            "trainer.enable_model_summary": False,  # the plan table shows the model; Lightning's counts no FLOPs
             "trainer.max_epochs": -1,  # the horizon is the model's num_iterations (max_steps)
         })
 
@@ -72,11 +78,16 @@ class NanoCLI(LightningCLI):
         ckpt = self._get(self.config_init, "checkpoint")
         if ckpt.dirpath is None:  # a fixed folder, so `--ckpt_path last` finds it on relaunch
             ckpt.dirpath = str(root / "checkpoints")
-        defaults = [TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
-                    ReportWriter(), PreemptionCheckpoint()]
-        if trainer_config.get("enable_progress_bar", True) is not False:
+        ckpt.hints = dict(CLI_HINTS)
+        self._get(self.config_init, "preemption").resume_hint = CLI_HINTS["resume"]
+        # The run state first, then the step line, so a step's line comes before the next step's evaluations.
+        defaults = [RunState(), StepLine(step_offset=self._step_offset()), TokenThroughputMonitor(),
+                    LearningRateMonitor(logging_interval="step"), ReportWriter()]
+        show_bar = trainer_config.get("enable_progress_bar", True) is not False
+        if show_bar and sys.stdout.isatty():  # in a log file a live bar is noise; the step lines say it all
             defaults.append(NanoProgressBar())
-        kwargs.setdefault("callbacks", list(trainer_config.get("callbacks") or []) + defaults)
+        kwargs.setdefault("callbacks", defaults + list(trainer_config.get("callbacks") or []))
+        kwargs.setdefault("enable_progress_bar", show_bar and sys.stdout.isatty())
         if trainer_config.get("logger") in (None, True):  # the user's own logger choice wins
             kwargs.setdefault("logger", self._default_loggers(root, self._get(self.config_init, "run")))
         return super().instantiate_trainer(**kwargs)
@@ -86,6 +97,10 @@ class NanoCLI(LightningCLI):
         if source:  # the nanochat step becomes the checkpoint that fit() loads
             fit_args = self.config_init[self.subcommand]
             fit_args["ckpt_path"] = resume_from_nanochat(self.trainer, source, fit_args.get("ckpt_path"))
+
+    def _step_offset(self) -> int:
+        """mid_train prints its step after incrementing it; base_train before (the EMA's ``debias_offset`` too)."""
+        return self._get(self.config_init, "ema").debias_offset
 
     @staticmethod
     def _default_loggers(root: Path, run: str) -> list:

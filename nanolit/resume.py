@@ -1,4 +1,4 @@
-"""Continue a nanochat base-training run in nanolit (spec §4.9, §4.14, §10.2, §11.3).
+"""Continue a nanochat base-training run in nanolit (nanochat d575940 ``scripts/base_train.py --resume_from_step``).
 
     nanolit fit -c CONFIG --resume_from_nanochat <base>/base_checkpoints/d20 [--ckpt_path last]
 
@@ -7,8 +7,7 @@ Lightning is handed that step as the checkpoint a nanolit run would have written
 
 * ``global_step`` = meta ``step``;
 * the weights and the ``[adamw, muon]`` optimizer states of ``optim_<step>_rank0.pt``;
-* the meta's loop state goes into the callbacks that carry it: ``min_val_bpb`` and ``val_bpb`` into val bpb,
-  ``smooth_train_loss`` into the EMA, ``total_training_time`` into the throughput monitor;
+* the meta's ``loop_state`` and ``val_bpb`` become the run state (``nanolit.runstate.RunState``);
 * ``dataloader_state_dict`` goes to the DataModule. nanochat's ``{pq_idx, rg_idx}`` resumes by nanochat's own
   approximate rule. A folder that nanolit exported holds the exact position, so that continues exactly.
 
@@ -31,12 +30,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nanolit.checkpoint import detect_architecture, find_last_step, load_nanochat_checkpoint
 from nanolit.common import NanolitError
+from nanolit.lightning_adapter import fit_loop_state_at
+from nanolit.runstate import RunState
 
 _STEP_FILE = re.compile(r"(?:model|meta|optim)_(\d{6})(?:_rank\d+)?\.(?:pt|json)")
-
-# nanochat's meta loop_state (spec §4.9) -> the callback state_dict key that carries it in nanolit
-_LOOP_STATE_KEYS = {"min_val_bpb": "min_val_bpb", "smooth_train_loss": "smooth",
-                    "total_training_time": "total_training_time"}
 
 # the model config fields that fix the weight shapes (sequence_len does not: rotary is recomputed)
 _SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -127,8 +124,8 @@ def nanochat_to_lightning(ckpt_dir: str | Path, step: int, trainer: L.Trainer) -
         "state_dict": {f"gpt.{k}": v for k, v in model_state.items()},  # GPTModule keeps its GPT as `gpt`
         "optimizer_states": optim_states,
         "lr_schedulers": [],
-        "loops": {"fit_loop": _fit_loop_state(trainer, step)},
-        "callbacks": _callback_states(trainer, loop_state, meta.get("val_bpb")),
+        "loops": {"fit_loop": fit_loop_state_at(trainer, step)},
+        "callbacks": {RunState().state_key: RunState.from_nanochat(loop_state, meta.get("val_bpb"))},
     }
     loader = meta.get("dataloader_state_dict")
     if loader and trainer.datamodule is not None:
@@ -144,30 +141,3 @@ def _check_shapes(module: L.LightningModule, model_config: dict, ckpt_dir: Path)
         detail = ", ".join(f"{f} {theirs} vs {mine}" for f, (theirs, mine) in differ.items())
         raise NanolitError(f"the nanochat model in {ckpt_dir} does not match this run's ({detail}); set --model.depth "
                            "and the tokenizer (data base_dir) of the nanochat run")
-
-
-def _fit_loop_state(trainer: L.Trainer, step: int) -> dict[str, Any]:
-    """The fit loop's state as Lightning saves it at the end of step ``step`` (one batch per optimizer step)."""
-    state = trainer.fit_loop.state_dict()  # fresh, so Lightning's own layout with every counter at 0
-    # StepCheckpoint saves in on_train_batch_end, before Lightning marks the batch completed
-    batch = {"ready": step, "started": step, "processed": step, "completed": step - 1}
-    state["epoch_loop.batch_progress"].update(total=dict(batch), current=dict(batch))
-    optim = {"ready": step, "completed": step}  # global_step under manual optimization
-    state["epoch_loop.manual_optimization.optim_step_progress"].update(total=dict(optim), current=dict(optim))
-    state["epoch_loop.state_dict"]["_batches_that_stepped"] = step - 1
-    epoch = {"ready": 1, "started": 1, "processed": 0, "completed": 0}  # inside the first (endless) epoch
-    state["epoch_progress"].update(total=dict(epoch), current=dict(epoch))
-    return state
-
-
-def _callback_states(trainer: L.Trainer, loop_state: dict, val_bpb: float | None) -> dict[str, dict]:
-    """Each callback's state with nanochat's loop state written into the keys that carry it."""
-    states = {}
-    for cb in trainer.callbacks:
-        state = cb.state_dict()
-        found = {key: loop_state[name] for name, key in _LOOP_STATE_KEYS.items() if key in state and name in loop_state}
-        if "last_val_bpb" in state and val_bpb is not None:
-            found["last_val_bpb"] = val_bpb
-        if found:
-            states[cb.state_key] = {**state, **found}
-    return states

@@ -17,6 +17,8 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
+from nanolit.runstate import RunState
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -109,19 +111,17 @@ class StepLog(L.Callback):
     def _write(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or pl_module.last_train_loss is None:
             return
-        monitor = next(cb for cb in trainer.callbacks if hasattr(cb, "total_training_time"))
-        ema = next(cb for cb in trainer.callbacks if hasattr(cb, "smooth") and hasattr(cb, "beta"))
+        state = RunState.of(trainer).flush()
         row = {"step": trainer.global_step, "loss": float(pl_module.last_train_loss),
-               "total_training_time": monitor.total_training_time, "smooth": ema.smooth}
+               "total_training_time": state.total_training_time, "smooth": state.smooth_train_loss}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            monitor = next(cb for cb in trainer.callbacks if hasattr(cb, "total_training_time"))
             with open(self.path, "a") as f:
                 f.write(json.dumps({"start": trainer.global_step,
-                                    "total_training_time": monitor.total_training_time}) + "\n")
+                                    "total_training_time": RunState.of(trainer).total_training_time}) + "\n")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._write(trainer, pl_module)

@@ -99,3 +99,11 @@ def byte_tokenizer():
         special_tokens={name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)},
     )
     return Tokenizer(enc)
+
+
+def checkpoint_names(folder: Path) -> list[str]:
+    """The checkpoint files in ``folder``, sorted, asserting no temporary file was left behind (a run's lock file,
+    ``.lock``, stays: the OS lock on it is what goes with the run)."""
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")], names
+    return [n for n in names if not n.startswith(".")]

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_cb_toys import CharTokenizer, make_trainer, reference_bpb, toy_pair
 from torch.utils.data import DataLoader
 
-from nanolit.callbacks import BitsPerByte, BPBValidation
+from nanolit.callbacks import RunState, BitsPerByte, BPBValidation
 from nanolit.common import NanolitError
 from nanolit.eval.bpb import bits_per_byte
 
@@ -98,28 +98,29 @@ def test_callback_value_schedule_and_state(tmp_path, capsys):
     trainer = make_trainer(tmp_path, [bpb], max_steps=7)
     trainer.fit(module, datamodule=data)
 
-    assert [step for step, _ in bpb.history] == [0, 3, 6, 7]  # step 0, every 3, and the final model
+    assert [step for step, _ in bpb.run_state.val_bpb_history] == [0, 3, 6, 7]  # step 0, every 3, and the final model
     assert data.val_loader_calls == 4  # a fresh val loader per eval, as nanochat rebuilds it
-    assert bpb.history[0][1] == pytest.approx(reference_bpb(initial, data.val_batches, data.token_bytes), rel=1e-5)
-    assert bpb.history[-1][1] == pytest.approx(reference_bpb(module.model, data.val_batches, data.token_bytes),
+    assert bpb.run_state.val_bpb_history[0][1] == pytest.approx(reference_bpb(initial, data.val_batches, data.token_bytes), rel=1e-5)
+    assert bpb.run_state.val_bpb_history[-1][1] == pytest.approx(reference_bpb(module.model, data.val_batches, data.token_bytes),
                                                rel=1e-5)
-    assert bpb.last_val_bpb == bpb.history[-1][1]
-    assert bpb.min_val_bpb == min(v for _, v in bpb.history)
-    assert bpb.history[-1][1] < bpb.history[0][1]  # the bigram learns the text
+    assert bpb.run_state.val_bpb == bpb.run_state.val_bpb_history[-1][1]
+    assert bpb.run_state.min_val_bpb == min(v for _, v in bpb.run_state.val_bpb_history)
+    assert bpb.run_state.val_bpb_history[-1][1] < bpb.run_state.val_bpb_history[0][1]  # the bigram learns the text
     out = capsys.readouterr().out
-    assert f"Step 00003 | Validation bpb: {bpb.history[1][1]:.4f}" in out
+    assert f"Step 00003 | Validation bpb: {bpb.run_state.val_bpb_history[1][1]:.4f}" in out
 
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
         logged = [(int(r["step"]), float(r["val/bpb"])) for r in csv.DictReader(f) if r["val/bpb"]]
-    assert [s for s, _ in logged] == [s for s, _ in bpb.history]
-    assert [v for _, v in logged] == pytest.approx([v for _, v in bpb.history])
-    assert trainer.callback_metrics["val/bpb"].item() == pytest.approx(bpb.last_val_bpb)
+    assert [s for s, _ in logged] == [s for s, _ in bpb.run_state.val_bpb_history]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in bpb.run_state.val_bpb_history])
+    assert trainer.callback_metrics["val/bpb"].item() == pytest.approx(bpb.run_state.val_bpb)
 
-    state = bpb.state_dict()
-    restored = BPBValidation()
-    restored.load_state_dict(state)
-    assert (restored.min_val_bpb, restored.last_val_bpb, restored.history) == (
-        bpb.min_val_bpb, bpb.last_val_bpb, bpb.history)
+    # the figures live in the run state, which checkpoints them (the callback itself keeps none)
+    restored = RunState()
+    restored.load_state_dict(bpb.run_state.state_dict())
+    assert (restored.min_val_bpb, restored.val_bpb, restored.val_bpb_history) == (
+        bpb.run_state.min_val_bpb, bpb.run_state.val_bpb, bpb.run_state.val_bpb_history)
+    assert bpb.state_dict() == {}
 
 
 class ModeRecordingModule(L.LightningModule):
@@ -163,9 +164,10 @@ def test_resumed_run_continues_the_same_history(tmp_path):
                                                               ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     # The step-4 checkpoint was written before the step-4 eval (evals run at the start of a step), so the
     # resumed run evaluates 4 itself: every eval happens exactly once.
-    assert [s for s, _ in resumed.history] == [0, 2, 4, 6, 7]
-    assert [v for _, v in resumed.history] == pytest.approx([v for _, v in full.history])
-    assert resumed.min_val_bpb == pytest.approx(full.min_val_bpb)
+    assert [s for s, _ in resumed.run_state.val_bpb_history] == [0, 2, 4, 6, 7]
+    assert [v for _, v in resumed.run_state.val_bpb_history] == pytest.approx(
+        [v for _, v in full.run_state.val_bpb_history])
+    assert resumed.run_state.min_val_bpb == pytest.approx(full.run_state.min_val_bpb)
 
 
 @pytest.mark.parametrize("every", ["250", 2.5, 0, -2, True, None])
@@ -236,5 +238,5 @@ def test_fixture_val_bpb_matches_nanochat(tmp_path, nanochat_d2, expected_d2):
 
     bpb = BPBValidation(eval_every=1000)
     make_trainer(tmp_path, [bpb], max_steps=1).fit(FixtureModule(gpt), datamodule=FixtureData(tokenizer, batches))
-    assert bpb.history[0][0] == 0
-    assert bpb.history[0][1] == pytest.approx(expected_d2["val_bpb"], rel=1e-5)
+    assert bpb.run_state.val_bpb_history[0][0] == 0
+    assert bpb.run_state.val_bpb_history[0][1] == pytest.approx(expected_d2["val_bpb"], rel=1e-5)

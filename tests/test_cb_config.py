@@ -21,7 +21,7 @@ callbacks:
   - class_path: nanolit.callbacks.Sampler
     init_args: {sample_every: 500, prompts: ["Hello"], max_tokens: 8}
   - class_path: nanolit.callbacks.TokenThroughputMonitor
-    init_args: {window_size: 20, peak_flops: 989e12}
+    init_args: {peak_flops: 989e12, warmup_steps: 5}
   - class_path: nanolit.callbacks.ReportWriter
     init_args: {path: runs/report.md}
 """

@@ -7,7 +7,7 @@ import json
 import pytest
 from test_cb_toys import make_trainer, toy_pair
 
-from nanolit.callbacks import COREEvaluation
+from nanolit.callbacks import RunState, COREEvaluation
 from nanolit.common import NanolitError
 from nanolit.eval.core import evaluate_core
 
@@ -57,9 +57,9 @@ def test_logs_core_metric_and_centered_tasks(tmp_path, capsys):
     trainer.fit(module, datamodule=data)
 
     expected = evaluate_core(module.model, data.tokenizer, "cpu", bundle)  # the final model, as at step 4
-    assert core.last_result["step"] == 4
-    assert core.last_result["core_metric"] == pytest.approx(expected["core_metric"])
-    assert core.last_result["centered_results"] == pytest.approx(expected["centered_results"])
+    assert core.run_state.core["step"] == 4
+    assert core.run_state.core["core_metric"] == pytest.approx(expected["core_metric"])
+    assert core.run_state.core["centered_results"] == pytest.approx(expected["centered_results"])
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["core/metric"]]
     assert [int(r["step"]) for r in rows] == [2, 4]
@@ -68,9 +68,9 @@ def test_logs_core_metric_and_centered_tasks(tmp_path, capsys):
     assert float(rows[-1]["core/toy_lm"]) == pytest.approx(expected["centered_results"]["toy_lm"])
     assert f"Step 00004 | CORE metric: {expected['core_metric']:.4f}" in capsys.readouterr().out
 
-    restored = COREEvaluation()
-    restored.load_state_dict(core.state_dict())
-    assert restored.last_result == core.last_result
+    restored = RunState()
+    restored.load_state_dict(core.run_state.state_dict())
+    assert restored.core == core.run_state.core
 
 
 def test_max_per_task_and_tasks_are_passed_through(tmp_path, monkeypatch):
@@ -110,7 +110,7 @@ def test_broken_bundle_warns_loudly_and_training_continues(tmp_path, broken):
     with pytest.warns(UserWarning, match="CORE evaluation is OFF for this run, training continues"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4
-    assert core.last_result is None
+    assert core.run_state.core is None
     assert core.disabled_reason
 
 
@@ -122,7 +122,7 @@ def test_error_during_evaluation_switches_core_off(tmp_path):
     trainer = make_trainer(tmp_path, [core], max_steps=4)
     with pytest.warns(UserWarning, match="CORE evaluation is OFF.*few-shot"):
         trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 4 and core.last_result is None
+    assert trainer.global_step == 4 and core.run_state.core is None
 
 
 def test_real_bundle_task(tmp_path, eval_bundle):
@@ -131,10 +131,10 @@ def test_real_bundle_task(tmp_path, eval_bundle):
     core = COREEvaluation(bundle_dir=str(eval_bundle), core_metric_every=1000, core_metric_max_per_task=8,
                           tasks=["copa"])
     make_trainer(tmp_path, [core], max_steps=1).fit(module, datamodule=data)
-    assert core.last_result["step"] == 1
-    assert set(core.last_result["centered_results"]) == {"copa"}
+    assert core.run_state.core["step"] == 1
+    assert set(core.run_state.core["centered_results"]) == {"copa"}
     # copa is two-way multiple choice (random baseline 50%): 8 examples give a multiple of 1/8.
-    assert core.last_result["results"]["copa"] * 8 == pytest.approx(round(core.last_result["results"]["copa"] * 8))
+    assert core.run_state.core["results"]["copa"] * 8 == pytest.approx(round(core.run_state.core["results"]["copa"] * 8))
 
 
 @pytest.mark.parametrize("kwargs", [{"core_metric_max_per_task": 0}, {"core_metric_max_per_task": "500"},

@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent("""
     trainer = make_trainer(root, [ema, bpb, core, sampler, ReportWriter()], max_steps=4,
                            strategy="ddp", devices=2)
     trainer.fit(module, datamodule=data)
-    out = {{"world_size": trainer.world_size, "bpb": bpb.history, "min_val_bpb": bpb.min_val_bpb,
-           "core": core.last_result, "samples": sampler.last_samples, "smooth_loss": ema.smooth_loss}}
+    out = {{"world_size": trainer.world_size, "bpb": bpb.run_state.val_bpb_history, "min_val_bpb": bpb.run_state.min_val_bpb,
+           "core": core.run_state.core, "samples": (sampler.run_state.samples or {{}}).get("samples", []), "smooth_loss": ema.run_state.train_loss}}
     with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
         json.dump(out, f)
 """)
@@ -58,12 +58,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for rank, out in enumerate(ranks):
         assert out["world_size"] == 2
         assert [s for s, _ in out["bpb"]] == [0, 2, 4]
-        assert [v for _, v in out["bpb"]] == pytest.approx([v for _, v in bpb.history], rel=1e-5)
-        assert out["core"]["core_metric"] == pytest.approx(core.last_result["core_metric"], abs=1e-6)
-        assert out["core"]["results"] == pytest.approx(core.last_result["results"])
-        assert out["smooth_loss"] == pytest.approx(ema.smooth_loss, rel=1e-5)
+        assert [v for _, v in out["bpb"]] == pytest.approx([v for _, v in bpb.run_state.val_bpb_history], rel=1e-5)
+        assert out["core"]["core_metric"] == pytest.approx(core.run_state.core["core_metric"], abs=1e-6)
+        assert out["core"]["results"] == pytest.approx(core.run_state.core["results"])
+        assert out["smooth_loss"] == pytest.approx(ema.run_state.train_loss, rel=1e-5)
         # Sampling runs on rank zero alone.
-        assert out["samples"] == (sampler.last_samples if rank == 0 else [])
+        assert out["samples"] == (sampler.run_state.samples["samples"] if rank == 0 else [])
     run_dir = tmp_path / "ddp" / "run" / "version_0"
     assert (run_dir / "report.md").read_text().count("# nanolit report") == 1
     assert "- DDP world size: 2" in (run_dir / "report.md").read_text()

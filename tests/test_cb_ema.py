@@ -17,8 +17,8 @@ def test_update_matches_hand_computation():
     assert ema.update(2.0, step=0) == pytest.approx(0.2 / (1 - 0.9))
     assert ema.update(1.0, step=1) == pytest.approx(0.28 / (1 - 0.9 ** 2))
     assert ema.update(3.0, step=2) == pytest.approx(0.552 / (1 - 0.9 ** 3))
-    assert ema.smooth == pytest.approx(0.552)
-    assert ema.smooth_loss == pytest.approx(2.0369003690)
+    assert ema.run_state.smooth_train_loss == pytest.approx(0.552)
+    assert ema.run_state.train_loss == pytest.approx(2.0369003690)
 
 
 def test_debias_offset_reproduces_mid_train_off_by_one():
@@ -26,8 +26,8 @@ def test_debias_offset_reproduces_mid_train_off_by_one():
     for step, loss in enumerate([2.0, 1.0, 3.0]):
         base.update(loss, step)
         mid.update(loss, step)
-    assert mid.smooth == base.smooth
-    assert mid.smooth_loss == pytest.approx(0.552 / (1 - 0.9 ** 4))
+    assert mid.run_state.smooth_train_loss == base.run_state.smooth_train_loss
+    assert mid.run_state.train_loss == pytest.approx(0.552 / (1 - 0.9 ** 4))
 
 
 def _logged(log_dir) -> list[dict]:
@@ -48,7 +48,7 @@ def test_logs_debiased_and_raw_loss_each_step(tmp_path):
         assert float(row["train/loss"]) == pytest.approx(smooth / (1 - 0.9 ** (step + 1)), rel=1e-6)
     # The raw loss is the last micro-step's loss the module exposed, and it goes down as the bigram learns.
     assert float(rows[-1]["train/loss_raw"]) < float(rows[0]["train/loss_raw"])
-    assert ema.smooth_loss == pytest.approx(float(rows[-1]["train/loss"]), rel=1e-6)
+    assert ema.run_state.train_loss == pytest.approx(float(rows[-1]["train/loss"]), rel=1e-6)
 
 
 class NoLastLossModule(ToyModule):
@@ -67,11 +67,11 @@ def test_falls_back_to_the_returned_loss(tmp_path):
     module.returned = []
     ema = EMALossLogger()
     make_trainer(tmp_path, [ema], max_steps=3).fit(module, datamodule=data)
-    assert ema.last_loss == pytest.approx(module.returned[-1])
+    assert ema.run_state.last_train_loss == pytest.approx(module.returned[-1])
     expected = EMALossLogger()
     for step, loss in enumerate(module.returned):
         expected.update(loss, step)
-    assert ema.smooth_loss == pytest.approx(expected.smooth_loss)
+    assert ema.run_state.train_loss == pytest.approx(expected.run_state.train_loss)
 
 
 def test_state_survives_resume_exactly(tmp_path):
@@ -85,8 +85,8 @@ def test_state_survives_resume_exactly(tmp_path):
     module, data = toy_pair()
     make_trainer(tmp_path / "resumed", [resumed_ema], max_steps=8).fit(
         module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
-    assert resumed_ema.smooth == full_ema.smooth
-    assert resumed_ema.smooth_loss == full_ema.smooth_loss
+    assert resumed_ema.run_state.smooth_train_loss == full_ema.run_state.smooth_train_loss
+    assert resumed_ema.run_state.train_loss == full_ema.run_state.train_loss
 
 
 @pytest.mark.parametrize("kwargs", [{"beta": 1.0}, {"beta": -0.1}, {"beta": "0.9"}, {"debias_offset": -1},

@@ -28,10 +28,10 @@ def test_callbacks_on_cuda_bf16(tmp_path):
     peak = peak_bf16_flops(name)
     if peak is not None:
         assert monitor.available_flops == peak
-        assert monitor.mfu is not None and monitor.mfu > 0
-    assert monitor.tok_per_sec > 0 and monitor.total_training_time > 0  # step 11 is counted
-    assert [s for s, _ in bpb.history] == [0, 6, 12]
-    assert bpb.history[0][1] == pytest.approx(reference_bpb(initial, data.val_batches, data.token_bytes), rel=1e-3)
-    assert core.last_result["step"] == 12 and sampler.last_samples[0]["sample"].startswith("<|bos|>the cat")
+        assert monitor.run_state.mfu is not None and monitor.run_state.mfu > 0
+    assert monitor.run_state.tok_per_sec > 0 and monitor.run_state.total_training_time > 0  # step 11 is counted
+    assert [s for s, _ in bpb.run_state.val_bpb_history] == [0, 6, 12]
+    assert bpb.run_state.val_bpb_history[0][1] == pytest.approx(reference_bpb(initial, data.val_batches, data.token_bytes), rel=1e-3)
+    assert core.run_state.core["step"] == 12 and sampler.run_state.samples["samples"][0]["sample"].startswith("<|bos|>the cat")
     report = (tmp_path / "run" / "version_0" / "report.md").read_text()
     assert name in report and "- Peak memory usage: " in report and "- CUDA: " in report

@@ -37,17 +37,18 @@ def test_report_has_nanochat_sections_and_text_charts(tmp_path, monkeypatch):
                  f"- Number of FLOPs per token: {module.flops_per_token:e}",
                  "- Calculated number of iterations: 4", "- Number of training tokens: 128",
                  "- DDP world size: 1",
-                 f"- Minimum validation bpb: {bpb.min_val_bpb:.4f}",
-                 f"- Final validation bpb: {bpb.last_val_bpb:.4f}",
-                 f"- CORE metric estimate: {core.last_result['core_metric']:.4f}",
-                 f"- Total training flops: {monitor.flops_so_far:e}",
+                 f"- Minimum validation bpb: {bpb.run_state.min_val_bpb:.4f}",
+                 f"- Final validation bpb: {bpb.run_state.val_bpb:.4f}",
+                 f"- CORE metric estimate: {core.run_state.core['core_metric']:.4f}",
+                 f"- Total training flops: {monitor.run_state.total_training_flops:e}",
                  "- Total training time: 0.00m", "- Peak host memory (RSS): "]:
         assert line in report
-    assert f"- MFU %: {monitor.mfu:.2f}%" in report
+    assert f"- MFU %: {monitor.run_state.mfu:.2f}%" in report
     assert "| toy_mc |" in report and "| CORE | |" in report
     assert "<|bos|>the cat" in report
-    assert "Text charts" in report and "train/loss" in report and "val/bpb" in report
-    assert "lr/SGD/bigram" in report and "momentum/SGD/bigram" in report
+    assert "Text charts" in report and "train/loss (EMA)" in report and "val/bpb" in report
+    # LearningRateMonitor's names for the same series (one optimizer with one named group)
+    assert "lr-SGD/bigram " in report and "lr-SGD/bigram-momentum" in report
     assert any(ch in report for ch in "▁▂▃▄▅▆▇█")
     assert not list((tmp_path / "run" / "version_0").glob("*.png"))
 
@@ -82,8 +83,8 @@ def test_history_survives_resume(tmp_path, monkeypatch):
     resumed = ReportWriter(path=str(tmp_path / "custom" / "my_report.md"))
     make_trainer(tmp_path / "b", [resumed], max_steps=6).fit(module, datamodule=data,
                                                              ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
-    assert [s for s, _ in resumed.series["train/loss"]] == list(range(6))
-    assert [v for _, v in resumed.series["train/loss"]] == pytest.approx([v for _, v in full.series["train/loss"]])
+    assert [s for s, _ in resumed.series["train/loss_raw"]] == list(range(6))
+    assert [v for _, v in resumed.series["train/loss_raw"]] == pytest.approx([v for _, v in full.series["train/loss_raw"]])
     assert (tmp_path / "custom" / "my_report.md").exists()
     assert "(steps 0-5)" in (tmp_path / "custom" / "my_report.md").read_text()
 

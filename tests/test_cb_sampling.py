@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from test_cb_toys import make_trainer, toy_pair
 
-from nanolit.callbacks import NANOCHAT_PROMPTS, Sampler
+from nanolit.callbacks import RunState, NANOCHAT_PROMPTS, Sampler
 from nanolit.common import NanolitError
 
 
@@ -27,8 +27,8 @@ def test_prints_and_writes_greedy_samples(tmp_path, capsys):
     trainer.fit(module, datamodule=data)
 
     expected = [_greedy_by_hand(module.model, data.tokenizer, p, 6) for p in ["the cat", "a dog is"]]
-    assert sampler.last_step == 4
-    assert [s["sample"] for s in sampler.last_samples] == expected
+    assert sampler.run_state.samples["step"] == 4
+    assert [s["sample"] for s in sampler.run_state.samples["samples"]] == expected
     assert expected[0].startswith("<|bos|>the cat") and len(expected[0]) == len("<|bos|>the cat") + 6
     out = capsys.readouterr().out
     assert all(text in out for text in expected)
@@ -36,9 +36,9 @@ def test_prints_and_writes_greedy_samples(tmp_path, capsys):
     assert "## Step 00002" in markdown and "## Step 00004" in markdown
     assert markdown.rstrip().endswith(f"{expected[0]}\n{expected[1]}\n```")
 
-    restored = Sampler()
-    restored.load_state_dict(sampler.state_dict())
-    assert (restored.last_samples, restored.last_step) == (sampler.last_samples, 4)
+    restored = RunState()
+    restored.load_state_dict(sampler.run_state.state_dict())
+    assert restored.samples == sampler.run_state.samples
 
 
 def test_defaults_are_nanochats_seven_prompts_and_16_tokens():
@@ -71,7 +71,7 @@ def test_wandb_logger_gets_a_table(tmp_path, monkeypatch):
     sampler.setup(trainer, module, "fit")
     sampler.evaluate(trainer, module, step=2)
     assert wandb_logger.tables == [("samples", ["step", "prompt", "sample"],
-                                    [[2, "the cat", sampler.last_samples[0]["sample"]]])]
+                                    [[2, "the cat", sampler.run_state.samples["samples"][0]["sample"]]])]
 
 
 def test_other_ranks_do_not_sample(tmp_path, monkeypatch):
@@ -82,12 +82,12 @@ def test_other_ranks_do_not_sample(tmp_path, monkeypatch):
     sampler.setup(trainer, module, "fit")
     monkeypatch.setattr(type(trainer), "is_global_zero", property(lambda self: False))
     sampler.on_train_end(trainer, module)
-    assert sampler.last_samples == [] and not (tmp_path / "run" / "version_0" / "samples.md").exists()
+    assert sampler.run_state.samples is None and not (tmp_path / "run" / "version_0" / "samples.md").exists()
     monkeypatch.undo()
     sampler = Sampler(prompts=["the cat"])
     sampler.setup(trainer, module, "fit")
     sampler.on_train_end(trainer, module)  # the same call on rank zero does sample
-    assert sampler.last_step == 1 and len(sampler.last_samples) == 1
+    assert sampler.run_state.samples["step"] == 1 and len(sampler.run_state.samples["samples"]) == 1
 
 
 @pytest.mark.parametrize("kwargs", [{"prompts": "The capital of France is"}, {"prompts": []}, {"prompts": [""]},

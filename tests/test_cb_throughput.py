@@ -36,34 +36,33 @@ def _rows(root) -> list[dict]:
 
 
 def test_tokens_per_second_and_mfu_with_a_configured_peak(tmp_path, clock):
-    monitor = TokenThroughputMonitor(window_size=2, peak_flops=1e7)
+    monitor = TokenThroughputMonitor(peak_flops=1e7)
     module, _ = _fit(tmp_path, [monitor], 4, clock)
     tokens = module.tokens_per_step  # 4 x 8
-    assert monitor.dt == pytest.approx(STEP_SECONDS)
-    assert monitor.tok_per_sec == int(tokens / STEP_SECONDS) == 64
+    assert monitor.run_state.dt == pytest.approx(STEP_SECONDS)
+    assert monitor.run_state.tok_per_sec == tokens / STEP_SECONDS == 64
     expected_mfu = 100 * module.flops_per_token * tokens / STEP_SECONDS / 1e7
-    assert monitor.mfu == pytest.approx(expected_mfu)
-    assert monitor.flops_so_far == pytest.approx(module.flops_per_token * tokens * 4)
+    assert monitor.run_state.mfu == pytest.approx(expected_mfu)
+    assert monitor.run_state.total_training_flops == pytest.approx(module.flops_per_token * tokens * 4)
 
     rows = [r for r in _rows(tmp_path) if r["train/tok_per_sec"]]
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     assert all(float(r["train/mfu"]) == pytest.approx(expected_mfu) for r in rows)
     assert all(float(r["train/dt"]) == pytest.approx(STEP_SECONDS) for r in rows)
-    assert float(rows[-1]["total_training_flops"]) == pytest.approx(monitor.flops_so_far)
-    # Lightning's windowed metrics, fed by the token protocol: tokens/s per device and MFU as a fraction.
-    windowed = [r for r in _rows(tmp_path) if r["train/device/items_per_sec"]]
-    assert windowed and float(windowed[-1]["train/device/items_per_sec"]) == pytest.approx(64)
-    assert float(windowed[-1]["train/device/mfu"]) == pytest.approx(expected_mfu / 100)
+    assert float(rows[-1]["train/total_training_flops"]) == pytest.approx(monitor.run_state.total_training_flops)
+    # one set of throughput metrics, all under train/ (no parallel per-device set)
+    assert {k for k in rows[0] if "sec" in k or "mfu" in k or "flops" in k} == {
+        "train/tok_per_sec", "train/mfu", "train/total_training_flops"}
 
 
 def test_no_mfu_on_cpu_without_a_peak(tmp_path, clock):
-    monitor = TokenThroughputMonitor(window_size=2)
+    monitor = TokenThroughputMonitor()
     _fit(tmp_path, [monitor], 3, clock)
     assert monitor.available_flops is None
-    assert monitor.mfu is None
-    assert monitor.tok_per_sec == 64
+    assert monitor.run_state.mfu is None
+    assert monitor.run_state.tok_per_sec == 64
     rows = _rows(tmp_path)
-    assert "train/mfu" not in rows[0] and "train/device/mfu" not in rows[0]
+    assert "train/mfu" not in rows[0]
 
 
 def test_total_training_time_skips_the_first_steps_and_survives_resume(tmp_path, clock):
@@ -71,11 +70,11 @@ def test_total_training_time_skips_the_first_steps_and_survives_resume(tmp_path,
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=12, save_top_k=-1)
     _fit(tmp_path / "full", [full, ckpt], 15, clock)
     # nanochat counts dt only when step > 10: steps 11..14 of 0..14.
-    assert full.total_training_time == pytest.approx(4 * STEP_SECONDS)
+    assert full.run_state.total_training_time == pytest.approx(4 * STEP_SECONDS)
 
     resumed = TokenThroughputMonitor()
     _fit(tmp_path / "resumed", [resumed], 15, clock, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=12.ckpt")
-    assert resumed.total_training_time == pytest.approx(full.total_training_time)
+    assert resumed.run_state.total_training_time == pytest.approx(full.run_state.total_training_time)
 
 
 def test_evaluation_time_is_not_training_time(tmp_path, clock):
@@ -83,10 +82,10 @@ def test_evaluation_time_is_not_training_time(tmp_path, clock):
     monitor = TokenThroughputMonitor(warmup_steps=0)
     bpb = BPBValidation(eval_every=2)
     _fit(tmp_path, [monitor, bpb], 5, clock, eval_seconds=2.0)
-    assert bpb.eval_seconds == pytest.approx(4 * 3 * 2.0)  # evals at steps 0, 2, 4 and the end, 3 batches each
+    assert bpb.run_state.eval_seconds == pytest.approx(4 * 3 * 2.0)  # evals at steps 0, 2, 4 and the end, 3 batches each
     dts = [float(r["train/dt"]) for r in _rows(tmp_path) if r["train/dt"]]
     assert dts == pytest.approx([STEP_SECONDS] * 5)
-    assert monitor.total_training_time == pytest.approx(4 * STEP_SECONDS)  # steps 1..4
+    assert monitor.run_state.total_training_time == pytest.approx(4 * STEP_SECONDS)  # steps 1..4
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -118,8 +117,8 @@ def test_module_without_the_protocol_is_a_clear_error(tmp_path):
         trainer.fit(module, datamodule=data)
 
 
-@pytest.mark.parametrize("kwargs", [{"peak_flops": 0}, {"peak_flops": "989e12"}, {"window_size": 1},
-                                    {"warmup_steps": -1}, {"warmup_steps": 2.0}])
+@pytest.mark.parametrize("kwargs", [{"peak_flops": 0}, {"peak_flops": "989e12"}, {"warmup_steps": -1},
+                                    {"warmup_steps": 2.0}])
 def test_bad_arguments_are_user_errors(kwargs):
     with pytest.raises(NanolitError):
         TokenThroughputMonitor(**kwargs)

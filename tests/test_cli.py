@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import checkpoint_names
 import torch
 
 from nanolit.cli import main
@@ -35,7 +36,7 @@ def quick_run(tiny_base_dir, tmp_path_factory):
 
 
 def test_fit_writes_everything(quick_run, tiny_base_dir):
-    assert sorted(p.name for p in (quick_run / "checkpoints").iterdir()) == \
+    assert checkpoint_names(quick_run / "checkpoints") == \
         ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
     rows = metrics(quick_run)
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _train_script import TESTS_DIR, callback, write_config
-from conftest import write_word_shards
+from conftest import checkpoint_names, write_word_shards
 
 
 def run_equivalence(out_dir: Path, devices: int, loss_chunk_size: int = 0, ns_fp32: bool = False) -> dict:
@@ -31,13 +31,13 @@ def one_process_gradient(weights: dict[str, torch.Tensor], step: int, loss_chunk
 
     One thread, like the runs (a different thread count may split a matmul's sums differently).
     """
-    from _ddp_script import GLOBAL_MICRO_BATCHES, global_batch, make_module
-    from nanolit.model import build_gpt
+    from _ddp_script import GLOBAL_MICRO_BATCHES, T, VOCAB, global_batch
+    from nanolit.model import GPTConfig, build_gpt
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gpt = build_gpt(make_module().model_config(weights["transformer.wte.weight"].shape[0]), "cpu")
+        gpt = build_gpt(GPTConfig.from_depth(1, vocab_size=VOCAB, sequence_len=T), "cpu")
         gpt.load_state_dict(weights)
         batch = global_batch(step)
         for micro in batch:
@@ -76,7 +76,7 @@ def test_two_processes_match_one_with_the_same_total_batch(tmp_path):
     assert_synced_once_per_step(two)
     # Rank zero alone prints the plan and writes checkpoints (every 2 steps and the last).
     assert two["output"].count("nanolit training plan") == 1
-    names = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
+    names = checkpoint_names(tmp_path / "two" / "checkpoints")
     assert names == ["last.ckpt", "step=000002.ckpt", "step=000003.ckpt"]
 
     # Whole runs, 1 process against 2, with Newton-Schulz in fp32: the gradients start 4e-8 apart (summation
@@ -118,7 +118,7 @@ def test_chunked_loss_head_syncs_like_autograd_under_ddp(tmp_path):
 
 @pytest.fixture
 def strided_base_dir(tmp_path, nanochat_d2) -> Path:
-    """A base dir whose shards have several row groups, so that 2 ranks both get documents (spec §10.2)."""
+    """A base dir whose shards have several row groups, so that 2 ranks both get documents (a rank takes every W-th row group)."""
     base = tmp_path / "base"
     shutil.copytree(nanochat_d2 / "tokenizer", base / "tokenizer")
     write_word_shards(base, num_docs=200, max_words=40, chars_per_shard=2000, seed=1)
@@ -134,13 +134,16 @@ def free_port() -> int:
 @pytest.mark.slow  # two torchrun agents, each with one worker (~30 s)
 def test_two_node_torchrun_trains_checkpoints_and_stops_together(strided_base_dir, tmp_path):
     """``torchrun --nnodes=2`` on 127.0.0.1, one process per node, running ``python -m nanolit fit``: both ranks
-    train, rank zero writes the checkpoints, and SIGUSR1 on rank 1 alone stops both ranks at the same step."""
+    train, rank zero writes the checkpoints, and SIGUSR1 on rank 1 alone stops both ranks at the same step.
+
+    The ranks agree on the signal without waiting on a collective: with ``check_every=1`` each step starts a vote
+    that the next step reads, so a signal during step 4 is voted at its end and read at the end of step 5."""
     config = write_config(tmp_path / "config.json", strided_base_dir, tmp_path / "run", num_iterations=8,
                           save_every=2, callbacks=[callback("SignalAt", step=4, signal="SIGUSR1", rank=1)])
     endpoint = f"127.0.0.1:{free_port()}"
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--max_restarts=0",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=nanolit-test", "-m", "nanolit", "fit",
-            "-c", str(config), "--trainer.devices=1", "--trainer.num_nodes=2"]
+            "-c", str(config), "--trainer.devices=1", "--trainer.num_nodes=2", "--preemption.check_every=1"]
     # the workers import the test callbacks from tests/; one thread each, as two processes share the cores
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path]), "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -155,9 +158,8 @@ def test_two_node_torchrun_trains_checkpoints_and_stops_together(strided_base_di
 
     assert output.count("nanolit training plan") == 1 and "world size" in output
     ckpt = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt",
-                                                      "step=000005.ckpt"]
+    assert checkpoint_names(ckpt) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt", "step=000006.ckpt"]
     last = torch.load(ckpt / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 5  # signalled during step 4: it finished, was saved, and both ranks stopped
+    assert last["global_step"] == 6  # steps 4 and 5 finished, step 6 was saved, and both ranks stopped
     assert [s["rg_idx"] % 2 for s in last["BaseDataModule"]["train_loader"]] == [0, 1]  # both ranks' positions
     assert "received a signal on another rank" in output  # rank zero stopped because rank 1 was signalled

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
+from conftest import checkpoint_names
 import tiktoken
 import torch
 from test_mid_data import make_base
@@ -133,7 +134,7 @@ def test_lr_follows_epoch_progress_and_the_epoch_ends_the_run(base, tmp_path):
     fresh = build_optimizers(build_gpt(GPTConfig.from_depth(2, V, T), "cpu"))
     assert rec.steps[0]["initial_lr"] == pytest.approx([0.5 * g["lr"] for o in fresh for g in o.param_groups])
     assert same_weights(rec.start_weights, gpt_state(base / "base_checkpoints" / "d2"))
-    assert module.init_source.endswith("d2/model_000007.pt")
+    assert module.stage.init_source.endswith("d2/model_000007.pt")
 
 
 def test_num_iterations_stops_early(base, tmp_path):
@@ -162,12 +163,13 @@ def test_cli_mid_run_exports_nanochat_files(base, tmp_path):
     assert sorted(p.name for p in export.iterdir()) == \
         [f"meta_{n:06d}.json", f"model_{n:06d}.pt", f"optim_{n:06d}_rank0.pt"]
     meta = json.loads((export / f"meta_{n:06d}.json").read_text())
-    assert set(meta) == {"step", "val_bpb", "model_config", "user_config"} and meta["step"] == n
+    # mid_train's keys, plus the run that exported it (so a later run can tell whose export it finds)
+    assert set(meta) == {"step", "val_bpb", "model_config", "user_config", "nanolit_run"} and meta["step"] == n
     assert meta["model_config"] == GPTConfig.from_depth(2, V, T).to_dict()  # sequence_len is mid's T, not 32
     assert meta["user_config"]["matrix_lr"] == 0.02 and meta["user_config"]["base_dir"] == str(base)
     assert len(torch.load(export / f"optim_{n:06d}_rank0.pt", weights_only=True)) == 2  # [adamw, muon]
     # the Lightning checkpoint of the last step holds the same weights, and loads like a base .ckpt
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", f"step={n:06d}.ckpt"]
+    assert checkpoint_names(root / "checkpoints") == ["last.ckpt", f"step={n:06d}.ckpt"]
     ckpt_model, ckpt = load_lightning_checkpoint(root / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == n
     exported = gpt_state(export)
@@ -188,7 +190,7 @@ def test_dry_run_writes_no_export_and_a_resumed_run_ends_identically(base, tmp_p
     main([*common, f"--trainer.default_root_dir={tmp_path / 'full'}"])
     assert not (base / "mid_checkpoints" / "d1").exists()
     full = tmp_path / "full" / "checkpoints"
-    assert sorted(p.name for p in full.iterdir()) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    assert checkpoint_names(full) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
     # --ckpt_path with a file: LightningCLI re-reads the module's hyperparameters from it (depth included)
     main([*common, f"--trainer.default_root_dir={tmp_path / 'resumed'}", f"--ckpt_path={full / 'step=000002.ckpt'}"])
     resumed = tmp_path / "resumed" / "checkpoints"
@@ -219,7 +221,7 @@ def test_init_from_a_nanolit_ckpt(base, tmp_path):
     rec = Recorder()
     module, _ = fit(base, tmp_path, [rec], init_from=str(tmp_path / "base.ckpt"), data={"num_iterations": 3})
     assert same_weights(rec.start_weights, gpt_state(gpt_module.gpt))
-    assert module.init_source == str(tmp_path / "base.ckpt") and len(rec.steps) == 2
+    assert module.stage.init_source == str(tmp_path / "base.ckpt") and len(rec.steps) == 2
     with pytest.raises(NanolitError, match="single .ckpt"):
         fit(base, tmp_path, init_from=str(tmp_path / "base.ckpt"), step=3)
 
@@ -308,7 +310,7 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=-1,
 module = MidModule(compile=False, **knobs)
 trainer.fit(module, datamodule=MidDataModule(base_dir=base, eval_tokens=2 * {B} * {T}, **knobs))
 with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
-    json.dump({{"step": trainer.global_step, "bpb": bpb.history}}, f)
+    json.dump({{"step": trainer.global_step, "bpb": bpb.run_state.val_bpb_history}}, f)
 """
 
 

@@ -75,7 +75,7 @@ def test_signal_saves_at_step_end_stops_and_resumes_exactly(tiny_base_dir, tmp_p
     # the signal came during step 4: step 4 finished and was saved, as 5, although 5 is no save_every step
     assert step_files(ckpt) == ["last.ckpt", "step=000004.ckpt", "step=000005.ckpt"]
     assert saved_step(ckpt / "last.ckpt") == 5
-    assert [s for s, _ in bpb.history] == [0]  # stopped without the final evaluation
+    assert [s for s, _ in bpb.run_state.val_bpb_history] == [0]  # stopped without the final evaluation
     assert signal.getsignal(signal.Signals[signame]) is before  # handlers restored
 
     resumed = fit(tiny_base_dir, tmp_path / "run", 8, [StepCheckpoint(str(ckpt), save_every=2, keep_last=2)],

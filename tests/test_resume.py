@@ -12,7 +12,7 @@ import torch
 from _train_script import callback, command, read_log, write_config
 from test_preemption import build, fit, run, saved_step, step_files
 
-from nanolit.callbacks import BPBValidation, EMALossLogger, StepCheckpoint, TokenThroughputMonitor
+from nanolit.callbacks import BPBValidation, EMALossLogger, RunState, StepCheckpoint, TokenThroughputMonitor
 from nanolit.checkpoint import save_nanochat_checkpoint
 from nanolit.common import NanolitError
 from nanolit.data.shards import list_parquet_files
@@ -46,9 +46,9 @@ def assert_same_run(reference: dict, resumed: dict) -> None:
     assert same(reference["state_dict"], resumed["state_dict"])
     assert same(reference["optimizer_states"], resumed["optimizer_states"])
     assert same(reference["BaseDataModule"], resumed["BaseDataModule"])
-    assert same(reference["callbacks"]["EMALossLogger"], resumed["callbacks"]["EMALossLogger"])
-    bpb, reference_bpb = resumed["callbacks"]["BPBValidation"], reference["callbacks"]["BPBValidation"]
-    assert bpb["min_val_bpb"] == reference_bpb["min_val_bpb"]
+    state, reference_state = resumed["callbacks"]["RunState"], reference["callbacks"]["RunState"]
+    for key in ("smooth_train_loss", "train_loss", "last_train_loss", "min_val_bpb", "val_bpb"):
+        assert state[key] == reference_state[key], key
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,14 @@ def test_sigkill_anywhere_then_resume_last_is_bitwise_identical(tiny_base_dir, t
     proc = launch(tmp_path, "c", tiny_base_dir, [callback("KillAt", step=15)], "--ckpt_path", "last")
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert saved_step(ckpt / "last.ckpt") == 12
-    at_12 = torch.load(ckpt / "step=000012.ckpt", weights_only=True)["callbacks"]["TokenThroughputMonitor"]
+    at_12 = torch.load(ckpt / "step=000012.ckpt", weights_only=True)["callbacks"]["RunState"]
 
     proc = launch(tmp_path, "d", tiny_base_dir, [], "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = torch.load(ckpt / f"step={STEPS:06d}.ckpt", weights_only=True)
     assert_same_run(reference["final"], final)
-    assert final["callbacks"]["BPBValidation"]["history"] == reference["final"]["callbacks"]["BPBValidation"]["history"]
+    assert final["callbacks"]["RunState"]["val_bpb_history"] == \
+        reference["final"]["callbacks"]["RunState"]["val_bpb_history"]
 
     starts, steps = read_log(tmp_path / "d.jsonl")
     for step in range(13, STEPS + 1):  # the same loss and EMA at every step after the resume
@@ -103,7 +104,7 @@ def test_sigkill_anywhere_then_resume_last_is_bitwise_identical(tiny_base_dir, t
 
 
 def nanochat_folder(lightning_ckpt, out_dir, exact_position: bool = True):
-    """Write a Lightning checkpoint's step in nanochat's layout (spec §4.14): model, meta, [adamw, muon] optimizer.
+    """Write a Lightning checkpoint's step in nanochat's layout (nanochat d575940 base_train): model, meta, [adamw, muon] optimizer.
 
     ``exact_position=False`` keeps only nanochat's ``{pq_idx, rg_idx}`` in the meta; nanolit's own export adds the
     exact position (epoch, document, token).
@@ -114,16 +115,14 @@ def nanochat_folder(lightning_ckpt, out_dir, exact_position: bool = True):
     loader = ck["BaseDataModule"]["train_loader"][0]
     meta = {
         "step": step,
-        "val_bpb": cb["BPBValidation"]["last_val_bpb"],
+        "val_bpb": cb["RunState"]["val_bpb"],
         "model_config": GPTConfig.from_depth(hp["depth"], model["transformer.wte.weight"].shape[0],
                                              hp["max_seq_len"]).to_dict(),
         "user_config": {"depth": hp["depth"], "num_iterations": hp["num_iterations"]},
         "device_batch_size": hp["device_batch_size"],
         "max_seq_len": hp["max_seq_len"],
         "dataloader_state_dict": loader if exact_position else {k: loader[k] for k in ("pq_idx", "rg_idx")},
-        "loop_state": {"min_val_bpb": cb["BPBValidation"]["min_val_bpb"],
-                       "smooth_train_loss": cb["EMALossLogger"]["smooth"],
-                       "total_training_time": cb["TokenThroughputMonitor"]["total_training_time"]},
+        "loop_state": {key: cb["RunState"][key] for key in ("min_val_bpb", "smooth_train_loss", "total_training_time")},
     }
     save_nanochat_checkpoint(out_dir, step, model, ck["optimizer_states"], meta)
     return out_dir, meta
@@ -150,12 +149,12 @@ class StartState(L.Callback):
     """What the run holds when training starts, right after the restore."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        callbacks = {type(cb).__name__: cb for cb in trainer.callbacks}
+        state = RunState.of(trainer)
         self.global_step = trainer.global_step
-        self.smooth = callbacks["EMALossLogger"].smooth
-        self.min_val_bpb = callbacks["BPBValidation"].min_val_bpb
-        self.last_val_bpb = callbacks["BPBValidation"].last_val_bpb
-        self.total_training_time = callbacks["TokenThroughputMonitor"].total_training_time
+        self.smooth = state.smooth_train_loss
+        self.min_val_bpb = state.min_val_bpb
+        self.last_val_bpb = state.val_bpb
+        self.total_training_time = state.total_training_time
         self.optimizer_states = copy.deepcopy([opt.state_dict() for opt in trainer.optimizers])  # updated in place
         self.weights = {k: v.clone() for k, v in pl_module.gpt.state_dict().items()}
 
