@@ -100,6 +100,7 @@ class StepCheckpoint(ModelCheckpoint):
         self._last_saved_step: int | None = None
         self._last_loss: Any = None
         self._lock: FileLock | None = None
+        self._created: list[Path] = []  # the folder and lock file this run made, removed if it saves nothing
         self._io: GuardedCheckpointIO | None = None
 
     @property
@@ -138,6 +139,7 @@ class StepCheckpoint(ModelCheckpoint):
     def _lock_folder(self) -> None:
         """Lock the folder for this run and clear the temporaries of killed saves."""
         dirpath = Path(self.dirpath)
+        self._created = [p for p in (dirpath, dirpath / ".lock") if not p.exists()]
         dirpath.mkdir(parents=True, exist_ok=True)
         lock, owner = FileLock(dirpath / ".lock", timeout=0), dirpath / ".lock.owner"
         try:
@@ -168,10 +170,20 @@ class StepCheckpoint(ModelCheckpoint):
                            f"{self.hints['overwrite']}")
 
     def _release(self) -> None:
-        if self._lock is not None:
-            (Path(self._lock.lock_file).parent / ".lock.owner").unlink(missing_ok=True)
-            self._lock.release()
-            self._lock = None
+        if self._lock is None:
+            return
+        (Path(self._lock.lock_file).parent / ".lock.owner").unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+        if self._last_saved_step is None or not step_files(Path(self.dirpath)):
+            # a run that stopped before its first save leaves the disk as it found it
+            for path in reversed(self._created):
+                if path.is_dir():
+                    if not any(path.iterdir()):
+                        path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
+        self._created = []
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._release()

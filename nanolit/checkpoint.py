@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanolit.common import NanolitError, atomic_write, get_base_dir
+from nanolit.common import NanolitError, atomic_write, get_base_dir, load_tensors
 from nanolit.tokenizer import Tokenizer, get_tokenizer
 
 if TYPE_CHECKING:
@@ -94,21 +94,6 @@ def load_nanochat_checkpoint(
     except json.JSONDecodeError as e:
         raise NanolitError(f"{meta_path} is not valid JSON ({e}); the save was interrupted or the file edited") from None
     return model_state, optim_states, meta
-
-
-def load_tensors(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """``torch.load`` with ``weights_only=True`` and a one-line error for a truncated or foreign file.
-
-    weights_only: a checkpoint is data, and unpickling arbitrary objects would run code.
-    """
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise NanolitError(f"{path} does not exist; check the path") from None
-    except Exception as e:  # truncated zip, pickle refused by weights_only, not a torch file at all
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanolitError(f"cannot read {path} ({reason}); it is truncated, corrupt or not a torch "
-                           "checkpoint: re-save it or pick another step") from None
 
 
 def detect_architecture(state_dict: dict) -> str:

@@ -12,7 +12,10 @@ A ``NanolitError`` (bad input) prints one line naming the problem and the fix an
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from nanolit.common import NanolitError, get_base_dir
@@ -23,15 +26,85 @@ TOOLS = ("data", "tokenizer", "eval", "quickstart")
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``nanolit`` console script, ``python -m nanolit`` and the root ``cli.py``."""
     argv = list(sys.argv[1:] if args is None else args)
+    quiet_known_noise()
     try:
+        check_config_files(argv)
         first = argv[2:3] if argv[:1] == ["--base_dir"] else argv[:1]  # `nanolit --base_dir X data ...`
         if first and first[0] in TOOLS:
             run_tool(argv)
         else:
             run_lightning_cli(None if args is None else argv)
-    except NanolitError as e:
-        print(f"nanolit: error: {e}", file=sys.stderr)
+    except argparse.ArgumentError as e:  # a flag or config the parser refused (`nanolit fit` raises these)
+        print(f"nanolit: error: {parse_error_line(str(e))}; `nanolit fit --help` lists every knob", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        print(f"nanolit: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+_PARSER_NOISE = re.compile(r"^(- )?(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value|"
+                           r"Expected a <class 'NoneType'>|tip: )")
+
+
+def parse_error_line(message: str) -> str:
+    """jsonargparse's nested, multi-line error in one line: the keys on the way down and the innermost reason."""
+    keys, reasons = [], []
+    for line in (line.strip() for line in message.splitlines()):
+        if not line or _PARSER_NOISE.match(line):
+            continue
+        line = line.removeprefix("- ")
+        key = re.fullmatch(r'Parser key "([^"]+)":?', line)
+        if key:
+            keys.append(key.group(1).removesuffix(".init_args"))
+        elif not line.startswith("Problem with given class_path"):
+            reasons.append(line.rstrip(":"))
+    where = f"--{'.'.join(keys)}: " if keys else ""
+    return where + " ".join(reasons)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """One line naming a ``-c/--config`` file that is missing or not YAML (the parser would name neither)."""
+    import yaml
+
+    for flag, value in zip(argv, argv[1:]):
+        if flag not in ("-c", "--config"):
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise NanolitError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
+        try:
+            yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise NanolitError(f"config file {path} is not valid YAML{at} ({getattr(e, 'problem', None) or e}); "
+                               "fix it or pass another") from None
+
+
+def user_error(exception: BaseException) -> NanolitError | None:
+    """The ``NanolitError`` behind ``exception``: itself, or one a library wrapped on the way up (jsonargparse turns
+    errors raised while it builds the model or the data into a ``ValueError``; Lightning re-raises others)."""
+    seen = set()
+    while exception is not None and id(exception) not in seen:
+        if isinstance(exception, NanolitError):
+            return exception
+        seen.add(id(exception))
+        exception = exception.__cause__ or exception.__context__
+    return None
+
+
+def quiet_known_noise() -> None:
+    """Silence what other libraries print that tells a nanolit user nothing (each filter says why)."""
+    # The DataModule's val_dataloader feeds the BPB callback at nanochat's steps; Lightning's own val loop is off.
+    warnings.filterwarnings("ignore", message=r".*`val_dataloader` but have no `validation_step`.*")
+    # torch 2.13 deprecates LeafSpec, which Lightning 2.6's pytree helper still checks for.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    # An advert for Lightning's cloud logger, printed at every start.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -64,6 +137,8 @@ def tool_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab_size", type=int, default=65536)
     tt.add_argument("--max_chars", type=int, default=10_000_000_000)
     tt.add_argument("--doc_cap", type=int, default=10_000)
+    tt.add_argument("--force", action="store_true",
+                    help="replace an existing tokenizer (every checkpoint trained on the old one stops matching)")
     tok.add_parser("eval", help="compression ratio on the val shard (tok_eval)")
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="action", required=True)
@@ -72,7 +147,9 @@ def tool_parser() -> argparse.ArgumentParser:
     core.add_argument("--step", type=int, default=None, help="nanochat folder: step to load (default: last)")
     core.add_argument("--tokenizer", default=None, help="tokenizer folder (default: found from the checkpoint)")
     core.add_argument("--bundle", default=None, help="eval bundle folder (default <base_dir>/eval_bundle)")
-    core.add_argument("--max_per_task", type=int, default=-1)
+    core.add_argument("--max_per_task", type=int, default=-1, help="examples per task, -1 for all")
+    core.add_argument("--skip_missing", action="store_true",
+                      help="leave out tasks whose data is missing (the CORE mean then covers fewer tasks)")
     core.add_argument("--tasks", default=None, help="comma-separated task labels (default: all in core.yaml)")
     core.add_argument("--output", default=None, help="CSV path (default <base_dir>/base_eval/...)")
     core.add_argument("--device", default=None)
@@ -121,7 +198,12 @@ def _data_from_text(ns, base: Path) -> None:
 
 
 def _tokenizer_train(ns, base: Path) -> None:
-    from nanolit.tokenizer import train_tokenizer
+    from nanolit.tokenizer import PICKLE_NAME, train_tokenizer
+
+    existing = base / "tokenizer" / PICKLE_NAME
+    if existing.exists() and not ns.force:
+        raise NanolitError(f"{existing} exists: a new tokenizer gives the ids of every checkpoint trained on it other "
+                           "meanings; keep it, train into another --base_dir, or pass --force to replace it")
 
     tok = train_tokenizer(base, vocab_size=ns.vocab_size, max_chars=ns.max_chars, doc_cap=ns.doc_cap)
     print(f"trained a {tok.get_vocab_size():,}-token tokenizer -> {base / 'tokenizer'}")
@@ -145,14 +227,22 @@ def _eval_core(ns, base: Path) -> None:
 
     from nanolit.checkpoint import load_for_eval
     from nanolit.common import autocast_context, autodetect_device_type
-    from nanolit.eval.core import evaluate_core, write_core_csv
+    from nanolit.eval.core import evaluate_core, load_bundle, write_core_csv
 
-    device = torch.device(ns.device or autodetect_device_type())
-    model, tokenizer, step = load_for_eval(ns.checkpoint, step=ns.step, tokenizer_dir=ns.tokenizer, device=device)
+    if ns.max_per_task == 0 or ns.max_per_task < -1:
+        raise NanolitError(f"--max_per_task {ns.max_per_task} evaluates no example; give a positive number, or -1 "
+                           "for all of them")
+    if not Path(ns.checkpoint).exists():
+        raise NanolitError(f"checkpoint {ns.checkpoint} does not exist; pass a nanolit .ckpt or a nanochat "
+                           "checkpoint folder")
     bundle = Path(ns.bundle) if ns.bundle else base / "eval_bundle"
     tasks = ns.tasks.split(",") if ns.tasks else None
+    load_bundle(bundle, skip_missing=ns.skip_missing, tasks=tasks)  # a bad bundle is named before the model loads
+    device = torch.device(ns.device or autodetect_device_type())
+    model, tokenizer, step = load_for_eval(ns.checkpoint, step=ns.step, tokenizer_dir=ns.tokenizer, device=device)
     with autocast_context(device):
-        out = evaluate_core(model, tokenizer, device, bundle, max_per_task=ns.max_per_task, tasks=tasks)
+        out = evaluate_core(model, tokenizer, device, bundle, max_per_task=ns.max_per_task, tasks=tasks,
+                            skip_missing=ns.skip_missing)
     table = Table(title=f"CORE of {ns.checkpoint} (step {step})")
     for col in ("Task", "Accuracy", "Centered"):
         table.add_column(col)

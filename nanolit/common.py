@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -117,3 +118,32 @@ def download_file(url: str, path: str | os.PathLike, attempts: int = 5, backoff:
                                    f"check the network and run the command again") from None
         time.sleep(backoff * 2**attempt)
     return path
+
+
+def load_tensors(path: str | os.PathLike, device: torch.device | str = "cpu", mmap: bool = False):
+    """``torch.load`` with ``weights_only=True`` and a one-line error for a truncated or foreign file.
+
+    weights_only: a checkpoint is data, and unpickling arbitrary objects would run code. ``mmap`` leaves the
+    tensors on disk until used (a check that a file loads costs no memory).
+    """
+    if not Path(path).exists():
+        raise NanolitError(f"{path} does not exist; check the path")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
+        raise NanolitError(f"{path} is not a torch checkpoint (not a zip archive: truncated, or another kind of "
+                           "file); re-save it or pick another file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:  # a damaged archive, a pickle refused by weights_only
+        raise NanolitError(f"cannot read {path} ({short_reason(e)}); it is a damaged torch checkpoint, or holds "
+                           "objects other than tensors and plain data (refused: loading them would run code): "
+                           "re-save it or pick another file") from None
+
+
+def short_reason(error: BaseException, limit: int = 160) -> str:
+    """The gist of an exception's message for a one-line error: its first sentence of its first line."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    for stop in (". ", " This "):
+        if stop in line[20:]:
+            line = line[:line.index(stop, 20)]
+    return line[:limit]

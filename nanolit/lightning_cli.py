@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, NanoProgressBar, PreemptionCheckpoint,
                                ReportWriter, RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor)
-from nanolit.common import NanolitError
+from nanolit.common import NanolitError, load_tensors
 from nanolit.data.datamodule import BaseDataModule
 from nanolit.module import TrainingCore
 from nanolit.resume import resume_from_nanochat
@@ -33,6 +33,17 @@ CLI_HINTS = {"resume": "--ckpt_path last", "new_root": "another --trainer.defaul
              "overwrite": "--checkpoint.overwrite=true"}
 
 
+class SaveConfigAtTrainStart(SaveConfigCallback):
+    """LightningCLI's config file, written once training starts: a run that stops on bad input during setup leaves
+    no log folder behind."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        return
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
 class NanoCLI(LightningCLI):
     """``nanolit fit -c CONFIG``: ``GPTModule``/``BaseDataModule`` or subclasses (``class_path`` in the config)."""
 
@@ -40,8 +51,11 @@ class NanoCLI(LightningCLI):
         super().__init__(
             TrainingCore, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
             auto_configure_optimizers=False,  # Muon + AdamW come from the module's configure_optimizers
+            save_config_callback=SaveConfigAtTrainStart,
             save_config_kwargs={"overwrite": True},  # a resumed run writes its config into the same folder
             seed_everything_default=42,
+            # a bad flag or config raises, and `nanolit` prints it in one line instead of the whole usage
+            parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in self.subcommands()}},
             args=args, **kwargs,
         )
 
@@ -91,6 +105,18 @@ class NanoCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):  # the user's own logger choice wins
             kwargs.setdefault("logger", self._default_loggers(root, self._get(self.config_init, "run")))
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI loads a ckpt_path file here to read its hyperparameters, with torch's safe loader: a file that
+        # is missing, truncated or refused by that loader gets one line instead of torch's traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry"):
+            if not Path(ckpt_path).is_file():
+                raise NanolitError(f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint file, or `last` for "
+                                   "the newest one in the run's checkpoints folder")
+            load_tensors(ckpt_path, mmap=True)
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         source = self._get(self.config_init, "resume_from_nanochat")

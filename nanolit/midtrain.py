@@ -29,10 +29,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from nanolit.checkpoint import find_largest_model, find_last_step, load_lightning_checkpoint, load_nanochat
 from nanolit.common import NanolitError
+from nanolit.data.loader import check_batch_knobs
 from nanolit.data.mid import inputs_and_targets
 from nanolit.lightning_adapter import set_max_steps
 from nanolit.model import GPT
-from nanolit.module import TrainingCore
+from nanolit.module import TrainingCore, check_loss_chunk_size
 from nanolit.schedules import mid_lr_multiplier
 
 DTYPES = ("bfloat16", "float32")
@@ -257,6 +258,8 @@ class MidModule(TrainingCore):
     ):
         if dtype not in DTYPES:
             raise NanolitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
+        check_loss_chunk_size(loss_chunk_size)
         super().__init__(MidStage())
         self.save_hyperparameters()
 

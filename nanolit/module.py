@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from nanolit.checkpoint import save_nanochat
 from nanolit.common import NanolitError, get_base_dir
-from nanolit.data.loader import grad_accum_steps
+from nanolit.data.loader import check_batch_knobs, grad_accum_steps
 from nanolit.lightning_adapter import is_logging_step, keep_unregistered, log_to_loggers, set_max_steps
 from nanolit.model import GPT, GPTConfig
 from nanolit.optim import build_optimizers
@@ -52,12 +52,10 @@ def resolve_num_iterations(num_iterations: int, target_flops: float, target_para
                        "target_param_data_ratio to a positive value")
 
 
-def check_batch_knobs(max_seq_len: int, device_batch_size: int, total_batch_size: int) -> None:
-    """One line for batch knobs no run can use (the data and the model read them both)."""
-    for name, value in (("max_seq_len", max_seq_len), ("device_batch_size", device_batch_size),
-                        ("total_batch_size", total_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise NanolitError(f"{name} must be a positive whole number, got {value!r}")
+def check_loss_chunk_size(loss_chunk_size: int) -> None:
+    if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
+        raise NanolitError(f"loss_chunk_size must be a whole number of rows >= 0 (0: the one-shot head), "
+                           f"got {loss_chunk_size!r}")
 
 
 class TrainingCore(L.LightningModule):
@@ -120,7 +118,6 @@ class TrainingCore(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        check_batch_knobs(hp.max_seq_len, hp.device_batch_size, hp.total_batch_size)
         self.run_state = RunState.of(self.trainer)
         gpt = self.model()
         self.grad_accum_steps = grad_accum_steps(hp.total_batch_size, hp.device_batch_size, hp.max_seq_len,
@@ -173,6 +170,23 @@ class TrainingCore(L.LightningModule):
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation with the KV cache (protocol for the sampling callback)."""
         return list(self.eval_model.generate(tokens, max_tokens, temperature=0.0))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another model shape (depth, vocab) cannot resume this run: one line says which knob."""
+        saved = {k.removeprefix("gpt."): v for k, v in checkpoint.get("state_dict", {}).items()}
+        ours = self.gpt.state_dict()
+        differ = [k for k in ours if k not in saved or tuple(saved[k].shape) != tuple(ours[k].shape)]
+        if not differ:
+            return
+        hp, theirs = self.hparams, checkpoint.get("hyper_parameters", {})
+        wte = saved.get("transformer.wte.weight")
+        parts = [f"depth {theirs.get('depth')} (this run: {hp.get('depth')})"] if theirs.get("depth") != hp.get(
+            "depth") else []
+        if wte is not None and wte.shape[0] != self.gpt.config.vocab_size:
+            parts.append(f"a {wte.shape[0]}-token vocab (this run's tokenizer: {self.gpt.config.vocab_size})")
+        what = " and ".join(parts) or f"other shapes ({differ[0]})"
+        raise NanolitError(f"the checkpoint to resume from ({self.trainer.ckpt_path}) has {what}; resume with the "
+                           "run's own knobs and tokenizer, or start a new run without --ckpt_path")
 
     def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> int | None:
         return self.stage.on_train_batch_start(self, batch)
@@ -465,6 +479,8 @@ class GPTModule(TrainingCore):
         shard_optimizer: bool = False,
         loss_chunk_size: int = 0,
     ):
+        check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
+        check_loss_chunk_size(loss_chunk_size)
         super().__init__(BaseStage())
         self.save_hyperparameters()
 
@@ -485,4 +501,4 @@ def print_plan(plan: dict[str, str]) -> None:
     Console().print(table)
 
 
-__all__ = ["BaseStage", "GPTModule", "TrainingCore", "check_batch_knobs", "print_plan", "resolve_num_iterations"]
+__all__ = ["BaseStage", "GPTModule", "TrainingCore", "check_loss_chunk_size", "print_plan", "resolve_num_iterations"]

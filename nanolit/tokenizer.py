@@ -15,7 +15,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanolit.common import NanolitError, atomic_torch_save, atomic_write, get_base_dir
+from nanolit.common import NanolitError, atomic_torch_save, atomic_write, get_base_dir, load_tensors
 
 # §9.1: GPT-4's cl100k pattern, except numbers split in runs of 1-2 digits (not 1-3).
 SPLIT_PATTERN = (
@@ -92,7 +92,7 @@ class Tokenizer:
         enc = _load_encoding(pkl)
         token_bytes = None
         if (path / TOKEN_BYTES_NAME).is_file():
-            token_bytes = torch.load(path / TOKEN_BYTES_NAME, map_location="cpu", weights_only=True)
+            token_bytes = load_tensors(path / TOKEN_BYTES_NAME)
             if not isinstance(token_bytes, torch.Tensor):
                 raise NanolitError(f"{path / TOKEN_BYTES_NAME} is not a tensor; delete it to recompute it")
             token_bytes = token_bytes.to(torch.int32)

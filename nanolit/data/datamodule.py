@@ -16,8 +16,8 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nanolit.common import NanolitError, get_base_dir
-from nanolit.data.loader import TrainTokenStream, grad_accum_steps, resume_state_for_rank, val_batches
-from nanolit.data.shards import list_parquet_files, train_val_split
+from nanolit.data.loader import TrainTokenStream, check_batch_knobs, grad_accum_steps, resume_state_for_rank, val_batches
+from nanolit.data.shards import check_shards_have_text, list_parquet_files, train_val_split
 from nanolit.tokenizer import Tokenizer
 
 
@@ -53,6 +53,9 @@ class BaseDataModule(L.LightningDataModule):
         tokenizer_batch_size: int = 128,
     ):
         super().__init__()
+        check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
+        if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
+            raise NanolitError(f"eval_tokens must be a positive number of tokens, got {eval_tokens!r}")
         self.save_hyperparameters()
         self.base_dir = base_dir
         self.device_batch_size = device_batch_size
@@ -81,6 +84,7 @@ class BaseDataModule(L.LightningDataModule):
                     "`nanolit data from-text`, or point --data.base_dir at a nanochat base dir"
                 )
             self._train_files, self._val_files = train_val_split(files)
+            check_shards_have_text(files)
             self._tokenizer = Tokenizer.from_directory(base / "tokenizer")
         _, world_size = self._rank_and_world()
         self.grad_accum_steps = grad_accum_steps(

@@ -30,8 +30,18 @@ Position = tuple[int, int, int, int, int]
 STATE_KEYS = ("epoch", "pq_idx", "rg_idx", "doc_idx", "token_idx")
 
 
+def check_batch_knobs(max_seq_len: int, device_batch_size: int, total_batch_size: int) -> None:
+    """One line for batch knobs no run can use (the module and the DataModule both take them)."""
+    for name, value in (("max_seq_len", max_seq_len), ("device_batch_size", device_batch_size),
+                        ("total_batch_size", total_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NanolitError(f"{name} must be a positive whole number, got {value!r}")
+
+
 def grad_accum_steps(total_batch_size: int, device_batch_size: int, max_seq_len: int, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step so that every step sees ``total_batch_size`` tokens over all ranks (§4.4)."""
+    """Micro-batches per optimizer step so that every step sees ``total_batch_size`` tokens over all ranks, as
+    nanochat's base_train derives them."""
+    check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
     world_tokens = device_batch_size * max_seq_len * world_size
     if total_batch_size < world_tokens or total_batch_size % world_tokens:
         nearest = max(1, round(total_batch_size / world_tokens)) * world_tokens

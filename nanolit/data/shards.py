@@ -60,7 +60,23 @@ def _open_text_parquet(path: Path) -> pq.ParquetFile:
         raise NanolitError(f"{path} is not a readable parquet file ({e}); delete or replace it") from None
     if "text" not in file.schema_arrow.names:
         raise NanolitError(f"{path} has no 'text' column; it needs one string column 'text' holding the documents")
+    kind = file.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise NanolitError(f"{path}'s text column holds {kind}, not strings; write the shards from text with "
+                           "`nanolit data from-text`")
     return file
+
+
+def check_shards_have_text(files: list[Path]) -> None:
+    """One line for shards whose documents are all empty: a run would train on nothing but ``<|bos|>``.
+
+    Looks at the first row group of the first train shard and of the val shard (a broken conversion empties them
+    all; reading every shard would cost a pass over the data).
+    """
+    for path in {files[0], files[-1]}:
+        if not any(read_texts(path, 0)):
+            raise NanolitError(f"{path} holds no text (its first documents are all empty), so there is nothing to "
+                               "train or evaluate on; rebuild the shards from real text")
 
 
 def read_texts(path: str | os.PathLike, row_group: int) -> list[str]:

@@ -575,7 +575,13 @@ def build_mid_mixture(base_dir: PathLike, split: str) -> TaskMixture:
     train: SmolTalk train, MMLU auxiliary_train, GSM8K main train, identity conversations twice,
     SimpleSpelling 200,000 and SpellingBee 80,000. val: SmolTalk test, MMLU all test[:5200], GSM8K main test[:420].
     """
-    base = Path(base_dir)
+    try:
+        return _mid_mixture(Path(base_dir), split)
+    except NanolitError as e:
+        raise NanolitError(f"mid-training data is missing: {e}") from None
+
+
+def _mid_mixture(base: Path, split: str) -> TaskMixture:
     data = base / MID_DATA_DIR
     if split == "train":
         identity = _require(base / IDENTITY_FILE, IDENTITY_URL)

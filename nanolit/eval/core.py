@@ -66,8 +66,8 @@ def load_bundle(
     config_path, meta_path = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
     for path in (config_path, meta_path):
         if not path.exists():
-            raise NanolitError(f"CORE bundle file {path} not found; point at an eval_bundle folder "
-                               "or fetch one with download_core_bundle()")
+            raise NanolitError(f"CORE bundle file {path} not found; fetch the bundle with `nanolit eval "
+                               "download-core` or point at an eval_bundle folder (--bundle)")
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
         raise NanolitError(f"{config_path} has no 'icl_tasks' list; use the core.yaml of nanochat's eval bundle")
@@ -82,8 +82,8 @@ def load_bundle(
     if missing:
         names = ", ".join(f"{s.label} (eval_data/{s.dataset_uri})" for s in missing)
         if not skip_missing:
-            raise NanolitError(f"CORE task data missing in {bundle_dir}: {names}; add the files "
-                               "or skip those tasks with skip_missing=True")
+            raise NanolitError(f"CORE task data missing in {bundle_dir}: {names}; add the files, or leave those "
+                               "tasks out with --skip_missing (a CORE mean over fewer tasks)")
         warnings.warn(f"CORE: skipping {len(missing)} task(s) whose data is missing: {names}; "
                       f"the CORE mean is over {len(specs) - len(missing)} tasks", stacklevel=2)
     return [s for s in specs if s not in missing]
