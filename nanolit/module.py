@@ -77,6 +77,7 @@ class TrainingCore(L.LightningModule):
         self.last_train_loss: torch.Tensor | None = None
         self.run_state = RunState()  # replaced by the trainer's in setup
         self._flops_per_token: float | None = None
+        self._restored_step = 0
 
     # ------------------------------------------------------------------------------- model and facts
     def model(self) -> GPT:
@@ -173,6 +174,7 @@ class TrainingCore(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of another model shape (depth, vocab) cannot resume this run: one line says which knob."""
+        self._restored_step = checkpoint.get("global_step", 0)  # the loop's own counter is restored only later
         saved = {k.removeprefix("gpt."): v for k, v in checkpoint.get("state_dict", {}).items()}
         ours = self.gpt.state_dict()
         differ = [k for k in ours if k not in saved or tuple(saved[k].shape) != tuple(ours[k].shape)]
@@ -313,8 +315,8 @@ class TrainingCore(L.LightningModule):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask, not only rank zero
         if not self.trainer.is_global_zero:
             return
-        if 0 < self.trainer.max_steps <= self.global_step:
-            print(f"this run already finished: step {self.global_step} of {self.trainer.max_steps} is in the "
+        if 0 < self.trainer.max_steps <= self._restored_step:
+            print(f"this run already finished: step {self._restored_step} of {self.trainer.max_steps} is in the "
                   "checkpoint; nothing to train (its report and export are where the first run wrote them)")
             return
         plan = self.training_plan()

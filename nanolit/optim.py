@@ -122,44 +122,31 @@ class Muon(torch.optim.Optimizer):
                     raise RuntimeError(f"Muon: a parameter of shape {tuple(p.shape)} has no gradient")
                 by_shape.setdefault(p.shape, []).append(p)
             for params in by_shape.values():
-                self._update_same_shape(params, group)
+                muon_update(params, [p.grad for p in params], [self.state[p] for p in params], group)
         return loss
 
-    def _update_same_shape(self, params: list[Tensor], group: dict) -> None:
-        """:func:`muon_update` of every matrix in ``params`` (one shape) at once: the same math per matrix, as
-        a few foreach kernels and one batched Newton-Schulz instead of ~10 launches per matrix. On one H100 the
-        per-matrix loop made Muon 16% of a d20 step, mostly launch gaps (issue 7, benchmarks/README.md)."""
-        mu = group["momentum"]
-        grads = [p.grad for p in params]
-        bufs = []
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            bufs.append(state["momentum_buffer"])
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
-        if group["nesterov"]:
-            torch._foreach_lerp_(grads, bufs, mu)
-        updates = zeropower_via_newtonschulz5(torch.stack(grads if group["nesterov"] else bufs),
-                                              steps=group["ns_steps"])
-        scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
-        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
 
+def muon_update(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None:
+    """One Muon update of every matrix in ``params`` (all of one shape) from ``grads`` (overwritten), with their
+    ``states`` and ``group``: momentum ``buf = lerp(buf, g, 1-mu)``, Nesterov ``u = lerp(g, buf, mu)`` (in place
+    of ``g``, as nanochat does, to save a matrix-sized temporary), ``p -= lr * sqrt(max(1, rows/cols)) * NS5(u)``.
 
-def muon_update(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
-    """One Muon update of matrix ``p`` from gradient ``g`` (overwritten), with its ``state`` and ``group`` (§2.2).
-
-    Shared by :class:`Muon` and the sharded ``DistMuon``, which applies it on the owning rank only.
+    The one definition of Muon's math: :class:`Muon` calls it per shape, the sharded ``DistMuon`` on the matrices
+    its rank owns. Batched: a few foreach kernels and one batched Newton-Schulz instead of ~10 launches per matrix
+    (on one H100 the per-matrix loop made Muon 16% of a d20 step, mostly launch gaps; benchmarks/README.md).
     """
     mu = group["momentum"]
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(g)
-    buf = state["momentum_buffer"]
-    buf.lerp_(g, 1 - mu)
-    u = g.lerp_(buf, mu) if group["nesterov"] else buf
-    update = zeropower_via_newtonschulz5(u, steps=group["ns_steps"])
-    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-    p.add_(update, alpha=-group["lr"] * scale)
+    bufs = []
+    for g, state in zip(grads, states):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        bufs.append(state["momentum_buffer"])
+    torch._foreach_lerp_(bufs, grads, 1 - mu)
+    if group["nesterov"]:
+        torch._foreach_lerp_(grads, bufs, mu)
+    updates = zeropower_via_newtonschulz5(torch.stack(grads if group["nesterov"] else bufs), steps=group["ns_steps"])
+    scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
+    torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
 
 
 def keep_group_keys(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:

@@ -274,9 +274,10 @@ class DistMuon(_ShardedState, Muon):
         for p, _ in (member for members in shape_groups for member in members):
             if p.grad is None:
                 raise RuntimeError(f"DistMuon: a parameter of shape {tuple(p.shape)} has no gradient")
-        if world == 1:
-            for p, group in (member for members in shape_groups for member in members):
-                muon_update(p, p.grad, self.state[p], group)
+        if world == 1:  # exactly Muon's step: the same batches of one shape, the same function
+            for members in shape_groups:
+                params = [p for p, _ in members]
+                muon_update(params, [p.grad for p in params], [self.state[p] for p in params], members[0][1])
             return loss
 
         op, divide = _mean_op()
@@ -296,7 +297,7 @@ class DistMuon(_ShardedState, Muon):
                 if divide:
                     out.div_(world)
                 p, group = chunk[rank]
-                muon_update(p, out, self.state[p], group)
+                muon_update([p], [out], [self.state[p]], group)
             outputs = [p for p, _ in chunk] + [torch.empty_like(zero) for _ in range(world - len(chunk))]
             gathers.append(dist.all_gather(outputs, chunk[rank][0] if mine else zero, async_op=True))
         for work in gathers:

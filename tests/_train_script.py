@@ -8,10 +8,12 @@ appends the run's state after every step to a JSON-lines file that survives a ki
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -86,6 +88,39 @@ class KillDuringSave(L.Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         io.save_checkpoint = save_then_die
+
+
+class PauseAt(L.Callback):
+    """At the start of step ``step``, create ``ready`` and wait until ``go`` exists (another process's turn)."""
+
+    def __init__(self, step: int, ready: str, go: str) -> None:
+        self.step, self.ready, self.go = step, ready, go
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.ready).touch()
+            while not Path(self.go).exists():
+                time.sleep(0.05)
+
+
+class DiskFullAt(L.Callback):
+    """The save of step ``step`` fails like a full disk: half the file is written, then ENOSPC."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+
+        def save_until_full(checkpoint, path, storage_options=None):
+            if checkpoint["global_step"] != self.step:
+                return save(checkpoint, path, storage_options)
+            save(checkpoint, path, storage_options)
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        io.save_checkpoint = save_until_full
 
 
 class SignalAt(L.Callback):

@@ -1,4 +1,5 @@
-"""The layering of the package holds: plain-torch modules never pull in Lightning, callbacks never the GPT."""
+"""The layering of the package holds: plain-torch modules never pull in Lightning, callbacks never the GPT or the
+training modules, and the training modules never the callbacks (they share only the run state and the adapter)."""
 import json
 import subprocess
 import sys
@@ -34,4 +35,13 @@ def test_plain_torch_layers_do_not_import_lightning():
 def test_callbacks_do_not_import_the_gpt():
     loaded = probe(["nanolit.callbacks"], ("nanolit.",))["nanolit.callbacks"]
     assert "nanolit.callbacks.ema_loss" in loaded  # the import really happened
-    assert [m for m in loaded if m in ("nanolit.model", "nanolit.module", "nanolit.loss", "nanolit.optim")] == []
+    forbidden = ("nanolit.model", "nanolit.module", "nanolit.midtrain", "nanolit.loss", "nanolit.optim",
+                 "nanolit.sharded", "nanolit.data.datamodule")
+    assert [m for m in loaded if m in forbidden] == []
+
+
+def test_training_modules_do_not_import_the_callbacks():
+    loaded = probe(["nanolit.module", "nanolit.midtrain"], ("nanolit.",))
+    assert "nanolit.runstate" in loaded["nanolit.module"]  # what they do share
+    assert {name: [m for m in found if m.startswith("nanolit.callbacks")] for name, found in loaded.items()} == {
+        "nanolit.module": [], "nanolit.midtrain": []}

@@ -78,6 +78,8 @@ def test_sigkill_anywhere_then_resume_last_is_bitwise_identical(tiny_base_dir, t
     proc = launch(tmp_path, "b", tiny_base_dir, [callback("KillDuringSave", step=12)], "--ckpt_path", "last")
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert saved_step(ckpt / "last.ckpt") == 8 and not (ckpt / "step=000012.ckpt").exists()
+    # the relaunch cleared the first kill's dead temporary when it took the folder
+    assert not (ckpt / ".step=000008.ckpt.tmp").exists() and (ckpt / ".step=000012.ckpt.tmp").exists()
 
     # killed at the start of step 15, between checkpoints: last.ckpt is step 12
     proc = launch(tmp_path, "c", tiny_base_dir, [callback("KillAt", step=15)], "--ckpt_path", "last")
