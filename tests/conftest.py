@@ -99,3 +99,42 @@ def byte_tokenizer():
         special_tokens={name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)},
     )
     return Tokenizer(enc)
+
+
+def save_tiny_ckpt(path: Path, tokenizer, phase_record: dict, depth: int = 1, max_seq_len: int = 64,
+                   seed: int = 0) -> Path:
+    """A nanolit Lightning-style .ckpt of a random depth-``depth`` GPT for ``tokenizer``, saved beside a base dir
+    holding the tokenizer. Its lm_head is random too (nanochat's init zeroes it, which makes every logit 0), so
+    greedy decoding wanders over the whole vocab, special tokens included. ``phase_record`` joins the
+    hyperparameters (e.g. ``{"init_from": ...}`` for a chat phase)."""
+    from nanolit.model import GPTConfig, build_gpt
+
+    base = path.parent / f"{path.stem}_base"
+    tokenizer.save(base / "tokenizer")
+    model = build_gpt(GPTConfig.from_depth(depth, tokenizer.get_vocab_size(), max_seq_len), seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    torch.save({"state_dict": {f"gpt.{k}": v for k, v in model.state_dict().items()}, "global_step": 7,
+                "hyper_parameters": {"depth": depth, "max_seq_len": max_seq_len, **phase_record},
+                "datamodule_hyper_parameters": {"base_dir": str(base)}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_ckpt(tmp_path_factory, byte_tokenizer) -> Path:
+    """A tiny random chat-phase (mid) .ckpt over the byte-level tokenizer."""
+    return save_tiny_ckpt(tmp_path_factory.mktemp("tiny_chat") / "mid.ckpt", byte_tokenizer,
+                          {"init_from": "base.ckpt", "target_param_data_ratio": 20})
+
+
+@pytest.fixture(scope="session")
+def mid_d2(tmp_path_factory, nanochat_d2) -> Path:
+    """The d2 fixture's weights and tokenizer laid out as a nanochat mid checkpoint: ``<base>/mid_checkpoints/d2``
+    (links to the fixture's files), so chat tools take it for a chat model."""
+    base = tmp_path_factory.mktemp("mid_d2")
+    folder = base / "mid_checkpoints" / "d2"
+    folder.mkdir(parents=True)
+    for name in ("model_000050.pt", "meta_000050.json"):
+        (folder / name).symlink_to(nanochat_d2 / name)
+    (base / "tokenizer").symlink_to(nanochat_d2 / "tokenizer")
+    return folder
