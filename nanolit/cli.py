@@ -98,6 +98,17 @@ def tool_parser() -> argparse.ArgumentParser:
     sm.add_argument("-k", "--top_k", type=int, default=None)
     sm.add_argument("--seed", type=int, default=42)
 
+    ex = sub.add_parser("export", help="write a model in another format").add_subparsers(dest="action", required=True)
+    exh = _checkpoint_args(ex.add_parser("hf", help="transformers NanoChatForCausalLM folder"))
+    exh.add_argument("--out", required=True, help="output folder")
+    im = sub.add_parser("import", help="read a model from another format").add_subparsers(dest="action", required=True)
+    imh = im.add_parser("hf", help="transformers NanoChat folder -> nanochat layout under the base dir")
+    imh.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
+    imh.add_argument("--out", default=None, help="base dir to write into (default: --base_dir or the default one)")
+    imh.add_argument("--source", default=None, choices=["base", "mid", "sft", "rl"],
+                     help="checkpoint folder (default: the exported phase, else sft with a chat template)")
+    imh.add_argument("--model_tag", default=None, help="folder name (default d<depth>)")
+
     qs = sub.add_parser("quickstart", help="build a corpus, train a tokenizer and a small model on it")
     qs.add_argument("--out", default="runs/quickstart", help="folder for the data, logs and checkpoints")
     qs.add_argument("extra", nargs=argparse.REMAINDER, help="extra `nanolit fit` overrides")
@@ -115,11 +126,12 @@ def run_tool(argv: list[str]) -> None:
 
         quickstart(Path(ns.out), ns.extra)
         return
-    base = get_base_dir(ns.base_dir, create=ns.tool == "data")  # only the data tools start a new base dir
+    base = get_base_dir(ns.base_dir, create=ns.tool in ("data", "import"))  # only the data tools start a new base dir
     handler = {("data", "download"): _data_download, ("data", "from-text"): _data_from_text,
                ("tokenizer", "train"): _tokenizer_train, ("tokenizer", "eval"): _tokenizer_eval,
                ("eval", "core"): _eval_core, ("eval", "download-core"): _eval_download_core,
-               ("eval", "bpb"): _eval_bpb, ("chat", None): _chat, ("sample", None): _sample}
+               ("eval", "bpb"): _eval_bpb, ("chat", None): _chat, ("sample", None): _sample,
+               ("export", "hf"): _export_hf, ("import", "hf"): _import_hf}
     handler[(ns.tool, getattr(ns, "action", None))](ns, base)
 
 
@@ -239,6 +251,19 @@ def _eval_bpb(ns, base: Path) -> None:
         print(f"{split} bpb: {bpb:.4f}")
     for line in sample_lines(loaded.model, loaded.tokenizer, NANOCHAT_PROMPTS):
         print(line, flush=True)
+
+
+def _export_hf(ns, base: Path) -> None:
+    from nanolit.hf import export_hf
+
+    print(f"wrote a transformers NanoChat model to {export_hf(ns.checkpoint, ns.out, ns.step, ns.tokenizer)}")
+
+
+def _import_hf(ns, base: Path) -> None:
+    from nanolit.hf import import_hf
+
+    folder = import_hf(ns.hf_dir, ns.out or base, ns.source, ns.model_tag)
+    print(f"wrote {folder} (tokenizer in {folder.parent.parent / 'tokenizer'})")
 
 
 if __name__ == "__main__":
