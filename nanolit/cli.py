@@ -85,6 +85,15 @@ def tool_parser() -> argparse.ArgumentParser:
     bpb.add_argument("--device_batch_size", type=int, default=32)
     bpb.add_argument("--split_tokens", type=int, default=20 * 524288, help="tokens per split")
     bpb.add_argument("--splits", default="train,val", help="comma-separated: train, val")
+    ce = _checkpoint_args(ev.add_parser("chat", help="ChatCORE tasks of a chat model (chat_eval)"))
+    ce.add_argument("-a", "--task_name", default=None, help="tasks split by |, default all: "
+                    "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee")
+    ce.add_argument("-t", "--temperature", type=float, default=0.0)
+    ce.add_argument("-m", "--max_new_tokens", type=int, default=512)
+    ce.add_argument("-n", "--num_samples", type=int, default=1)
+    ce.add_argument("-k", "--top_k", type=int, default=50)
+    ce.add_argument("-b", "--batch_size", type=int, default=8, help="batch size of the categorical tasks")
+    ce.add_argument("-x", "--max_problems", type=int, default=None, help="at most this many problems per task")
 
     talk = _checkpoint_args(sub.add_parser("chat", help="talk to a chat model (chat_cli)"))
     talk.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
@@ -130,7 +139,7 @@ def run_tool(argv: list[str]) -> None:
     handler = {("data", "download"): _data_download, ("data", "from-text"): _data_from_text,
                ("tokenizer", "train"): _tokenizer_train, ("tokenizer", "eval"): _tokenizer_eval,
                ("eval", "core"): _eval_core, ("eval", "download-core"): _eval_download_core,
-               ("eval", "bpb"): _eval_bpb, ("chat", None): _chat, ("sample", None): _sample,
+               ("eval", "bpb"): _eval_bpb, ("eval", "chat"): _eval_chat, ("chat", None): _chat, ("sample", None): _sample,
                ("export", "hf"): _export_hf, ("import", "hf"): _import_hf}
     handler[(ns.tool, getattr(ns, "action", None))](ns, base)
 
@@ -251,6 +260,18 @@ def _eval_bpb(ns, base: Path) -> None:
         print(f"{split} bpb: {bpb:.4f}")
     for line in sample_lines(loaded.model, loaded.tokenizer, NANOCHAT_PROMPTS):
         print(line, flush=True)
+
+
+def _eval_chat(ns, base: Path) -> None:
+    from nanolit.eval.chat import evaluate_chat
+
+    loaded = _load(ns)
+    out = evaluate_chat(loaded.model, loaded.tokenizer, tasks=ns.task_name,
+                        base_dir=base if ns.base_dir else loaded.tokenizer_dir.parent, max_problems=ns.max_problems,
+                        batch_size=ns.batch_size, num_samples=ns.num_samples, max_new_tokens=ns.max_new_tokens,
+                        temperature=ns.temperature, top_k=ns.top_k, log=lambda line: print(line, flush=True))
+    if out["chatcore"] is not None:
+        print(f"ChatCORE metric: {out['chatcore']:.4f}")
 
 
 def _export_hf(ns, base: Path) -> None:
