@@ -36,6 +36,7 @@ def run(rank: int, ckpt: str, base: str, tasks: str, out: str, port: int) -> Non
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"counts": result["counts"], "rank_totals": totals}, f)
+    dist.barrier()  # leave together: a rank tearing gloo down while its peer still talks aborts the peer
     dist.destroy_process_group()
 
 
