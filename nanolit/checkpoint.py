@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -253,25 +254,68 @@ def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | st
 
 def load_for_eval(checkpoint: str | os.PathLike, step: int | None = None, tokenizer_dir: str | os.PathLike | None = None,
                   device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, int]:
-    """``(model, tokenizer, step)`` from a nanolit ``.ckpt`` or a nanochat checkpoint folder.
+    """``(model, tokenizer, step)`` from a nanolit ``.ckpt`` or a nanochat checkpoint folder (see :func:`load_any`)."""
+    loaded = load_any(checkpoint, step, tokenizer_dir, device)
+    return loaded.model, loaded.tokenizer, loaded.step
 
-    The tokenizer comes from ``tokenizer_dir``, else from the run's data base dir (nanolit) or from the
-    ``tokenizer/`` folder of the base dir that holds ``base_checkpoints/<tag>/`` (nanochat).
+
+@dataclass
+class Loaded:
+    """What :func:`load_any` found: the model, its tokenizer, the step, the training phase and the saved record
+    (a nanochat ``meta`` dict, or a Lightning checkpoint's ``hyper_parameters``)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    step: int
+    phase: str  # "base", or the phase after it: "mid", "sft", "rl", or "chat" when the record does not say which
+    record: dict
+    tokenizer_dir: Path  # a base dir's tokenizer/ folder: the base dir is its parent
+
+
+def load_any(checkpoint: str | os.PathLike, step: int | None = None, tokenizer_dir: str | os.PathLike | None = None,
+             device: torch.device | str = "cpu") -> Loaded:
+    """The model, tokenizer, step and phase of a nanolit ``.ckpt`` or a nanochat checkpoint folder.
+
+    The tokenizer comes from ``tokenizer_dir``, else from the run's data base dir (nanolit), else from the
+    ``tokenizer/`` folder of the base dir that holds ``base_checkpoints/<tag>/`` or from a ``tokenizer/`` inside the
+    checkpoint folder (nanochat). The phase is decided by :func:`checkpoint_phase`.
     """
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
-        model, meta = load_nanochat(checkpoint, step, device)
-        step = meta.get("step", step)
+        model, record = load_nanochat(checkpoint, step, device)
+        step = record.get("step", step)
         default_tok = checkpoint.parent.parent / "tokenizer"
+        if not default_tok.is_dir() and (checkpoint / "tokenizer").is_dir():
+            default_tok = checkpoint / "tokenizer"
+        phase = checkpoint_phase(record.get("user_config"), folder=checkpoint)
     elif checkpoint.is_file():
         model, ckpt = load_lightning_checkpoint(checkpoint, device)
-        step = ckpt.get("global_step", 0)
+        step, record = ckpt.get("global_step", 0), ckpt.get("hyper_parameters", {})
         base = (ckpt.get("datamodule_hyper_parameters") or {}).get("base_dir")
         default_tok = get_base_dir(base) / "tokenizer" if base or tokenizer_dir is None else None
+        phase = checkpoint_phase(record)
     else:
         raise NanolitError(f"checkpoint {checkpoint} does not exist; pass a nanolit .ckpt or a nanochat folder")
-    tokenizer = Tokenizer.from_directory(tokenizer_dir or default_tok)
+    tokenizer_dir = Path(tokenizer_dir or default_tok)
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise NanolitError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model has "
                            f"{model.config.vocab_size}; pass --tokenizer with the model's own tokenizer")
-    return model, tokenizer, step
+    return Loaded(model, tokenizer, step, phase, record, tokenizer_dir)
+
+
+def checkpoint_phase(config: dict | None, folder: Path | None = None) -> str:
+    """Which training phase wrote a checkpoint: ``"base"``, ``"mid"``, ``"sft"``, ``"rl"`` or ``"chat"``.
+
+    A nanochat folder inside ``base_checkpoints/``, ``mid_checkpoints/``, ... is the phase its parent names, as
+    nanochat's ``load_model(source)`` reads it. Elsewhere, the run's configuration decides (``meta["user_config"]``
+    or a ``.ckpt``'s hyperparameters): base training records its horizon knob ``target_param_data_ratio`` and starts
+    from nothing, while every later phase starts from a model (``init_from``; nanochat's mid_train and chat_sft
+    record no base_train knobs). Anything that is not recognisably base training is ``"chat"``.
+    """
+    if folder is not None:
+        for source, dirname in SOURCE_DIRS.items():
+            if folder.parent.name == dirname:
+                return source
+    config = config or {}
+    return "base" if "target_param_data_ratio" in config and "init_from" not in config else "chat"

@@ -6,6 +6,9 @@
     nanolit tokenizer eval
     nanolit eval core --checkpoint PATH --bundle DIR ...    nanolit eval download-core
     nanolit quickstart
+    nanolit chat --checkpoint PATH [-p PROMPT]    nanolit sample --checkpoint PATH [--prompt TEXT ...]
+    nanolit eval bpb --checkpoint PATH            nanolit eval chat --checkpoint PATH [-a 'ARC-Easy|GSM8K']
+    nanolit export hf --checkpoint PATH --out DIR nanolit import hf DIR [--out BASE_DIR]
 
 A ``NanolitError`` (bad input) prints one line naming the problem and the fix and exits with status 2.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from nanolit.common import NanolitError, get_base_dir
 
-TOOLS = ("data", "tokenizer", "eval", "quickstart")
+TOOLS = ("data", "tokenizer", "eval", "quickstart", "chat", "sample", "export", "import")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -155,6 +158,42 @@ def tool_parser() -> argparse.ArgumentParser:
     core.add_argument("--device", default=None)
     dc = ev.add_parser("download-core", help="download and unpack the CORE eval bundle")
     dc.add_argument("--url", default=None)
+    bpb = _checkpoint_args(ev.add_parser("bpb", help="train/val bits per byte and samples (base_loss)"))
+    bpb.add_argument("--device_batch_size", type=int, default=32)
+    bpb.add_argument("--split_tokens", type=int, default=20 * 524288, help="tokens per split")
+    bpb.add_argument("--splits", default="train,val", help="comma-separated: train, val")
+    ce = _checkpoint_args(ev.add_parser("chat", help="ChatCORE tasks of a chat model (chat_eval)"))
+    ce.add_argument("-a", "--task_name", default=None, help="tasks split by |, default all: "
+                    "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee")
+    ce.add_argument("-t", "--temperature", type=float, default=0.0)
+    ce.add_argument("-m", "--max_new_tokens", type=int, default=512)
+    ce.add_argument("-n", "--num_samples", type=int, default=1)
+    ce.add_argument("-k", "--top_k", type=int, default=50)
+    ce.add_argument("-b", "--batch_size", type=int, default=8, help="batch size of the categorical tasks")
+    ce.add_argument("-x", "--max_problems", type=int, default=None, help="at most this many problems per task")
+
+    talk = _checkpoint_args(sub.add_parser("chat", help="talk to a chat model (chat_cli)"))
+    talk.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    talk.add_argument("-t", "--temperature", type=float, default=0.6)
+    talk.add_argument("-k", "--top_k", type=int, default=50)
+    talk.add_argument("--max_tokens", type=int, default=256, help="most tokens per reply")
+    sm = _checkpoint_args(sub.add_parser("sample", help="complete prompts with a model (base_train's samples)"))
+    sm.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default nanochat's 7)")
+    sm.add_argument("--max_tokens", type=int, default=16)
+    sm.add_argument("-t", "--temperature", type=float, default=0.0, help="0 is greedy")
+    sm.add_argument("-k", "--top_k", type=int, default=None)
+    sm.add_argument("--seed", type=int, default=42)
+
+    ex = sub.add_parser("export", help="write a model in another format").add_subparsers(dest="action", required=True)
+    exh = _checkpoint_args(ex.add_parser("hf", help="transformers NanoChatForCausalLM folder"))
+    exh.add_argument("--out", required=True, help="output folder")
+    im = sub.add_parser("import", help="read a model from another format").add_subparsers(dest="action", required=True)
+    imh = im.add_parser("hf", help="transformers NanoChat folder -> nanochat layout under the base dir")
+    imh.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
+    imh.add_argument("--out", default=None, help="base dir to write into (default: --base_dir or the default one)")
+    imh.add_argument("--source", default=None, choices=["base", "mid", "sft", "rl"],
+                     help="checkpoint folder (default: the exported phase, else sft with a chat template)")
+    imh.add_argument("--model_tag", default=None, help="folder name (default d<depth>)")
 
     qs = sub.add_parser("quickstart", help="build a corpus, train a tokenizer and a small model on it")
     qs.add_argument("--out", default="runs/quickstart", help="folder for the data, logs and checkpoints")
@@ -173,11 +212,13 @@ def run_tool(argv: list[str]) -> None:
 
         quickstart(Path(ns.out), ns.extra)
         return
-    base = get_base_dir(ns.base_dir, create=ns.tool == "data")  # only the data tools start a new base dir
+    base = get_base_dir(ns.base_dir, create=ns.tool in ("data", "import"))  # only the data tools start a new base dir
     handler = {("data", "download"): _data_download, ("data", "from-text"): _data_from_text,
                ("tokenizer", "train"): _tokenizer_train, ("tokenizer", "eval"): _tokenizer_eval,
-               ("eval", "core"): _eval_core, ("eval", "download-core"): _eval_download_core}
-    handler[(ns.tool, ns.action)](ns, base)
+               ("eval", "core"): _eval_core, ("eval", "download-core"): _eval_download_core,
+               ("eval", "bpb"): _eval_bpb, ("eval", "chat"): _eval_chat, ("chat", None): _chat, ("sample", None): _sample,
+               ("export", "hf"): _export_hf, ("import", "hf"): _import_hf}
+    handler[(ns.tool, getattr(ns, "action", None))](ns, base)
 
 
 def _data_download(ns, base: Path) -> None:
@@ -259,6 +300,81 @@ def _eval_download_core(ns, base: Path) -> None:
     from nanolit.eval.core import EVAL_BUNDLE_URL, download_core_bundle
 
     print(f"CORE bundle at {download_core_bundle(base, url=ns.url or EVAL_BUNDLE_URL)}")
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint", required=True, help="a nanolit .ckpt or a nanochat checkpoint folder")
+    parser.add_argument("-s", "--step", type=int, default=None, help="nanochat folder: step to load (default: last)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: found from the checkpoint)")
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+def _load(ns):
+    import torch
+
+    from nanolit.checkpoint import load_any
+    from nanolit.common import autodetect_device_type
+
+    return load_any(ns.checkpoint, ns.step, ns.tokenizer, torch.device(ns.device or autodetect_device_type()))
+
+
+def _chat(ns, base: Path) -> None:
+    from nanolit.chat_cli import chat, require_chat_model
+
+    loaded = _load(ns)
+    require_chat_model(loaded.phase, loaded.tokenizer, ns.checkpoint)
+    chat(loaded.model, loaded.tokenizer, ns.prompt, ns.temperature, ns.top_k, ns.max_tokens)
+
+
+def _sample(ns, base: Path) -> None:
+    from nanolit.callbacks.sampling import NANOCHAT_PROMPTS
+    from nanolit.sample import sample_lines
+
+    loaded = _load(ns)
+    for line in sample_lines(loaded.model, loaded.tokenizer, ns.prompt or NANOCHAT_PROMPTS,
+                             max_tokens=ns.max_tokens, temperature=ns.temperature, top_k=ns.top_k, seed=ns.seed):
+        print(line, flush=True)
+
+
+def _eval_bpb(ns, base: Path) -> None:
+    from nanolit.callbacks.sampling import NANOCHAT_PROMPTS
+    from nanolit.eval.base_loss import evaluate_splits
+    from nanolit.sample import sample_lines
+
+    loaded = _load(ns)
+    data = (base if ns.base_dir else loaded.tokenizer_dir.parent) / "base_data"
+    results = evaluate_splits(loaded.model, loaded.tokenizer, data, ns.device_batch_size, ns.split_tokens,
+                              [s.strip() for s in ns.splits.split(",") if s.strip()])
+    for split, bpb in results.items():
+        print(f"{split} bpb: {bpb:.4f}")
+    for line in sample_lines(loaded.model, loaded.tokenizer, NANOCHAT_PROMPTS):
+        print(line, flush=True)
+
+
+def _eval_chat(ns, base: Path) -> None:
+    from nanolit.eval.chat import evaluate_chat
+
+    loaded = _load(ns)
+    out = evaluate_chat(loaded.model, loaded.tokenizer, tasks=ns.task_name,
+                        base_dir=base if ns.base_dir else loaded.tokenizer_dir.parent, max_problems=ns.max_problems,
+                        batch_size=ns.batch_size, num_samples=ns.num_samples, max_new_tokens=ns.max_new_tokens,
+                        temperature=ns.temperature, top_k=ns.top_k, log=lambda line: print(line, flush=True))
+    if out["chatcore"] is not None:
+        print(f"ChatCORE metric: {out['chatcore']:.4f}")
+
+
+def _export_hf(ns, base: Path) -> None:
+    from nanolit.hf import export_hf
+
+    print(f"wrote a transformers NanoChat model to {export_hf(ns.checkpoint, ns.out, ns.step, ns.tokenizer)}")
+
+
+def _import_hf(ns, base: Path) -> None:
+    from nanolit.hf import import_hf
+
+    folder = import_hf(ns.hf_dir, ns.out or base, ns.source, ns.model_tag)
+    print(f"wrote {folder} (tokenizer in {folder.parent.parent / 'tokenizer'})")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,94 @@ def checkpoint_names(folder: Path) -> list[str]:
     names = sorted(p.name for p in folder.iterdir())
     assert not [n for n in names if n.endswith(".tmp")], names
     return [n for n in names if not n.startswith(".")]
+
+
+def save_tiny_ckpt(path: Path, tokenizer, phase_record: dict, depth: int = 1, max_seq_len: int = 64,
+                   seed: int = 0) -> Path:
+    """A nanolit Lightning-style .ckpt of a random depth-``depth`` GPT for ``tokenizer``, saved beside a base dir
+    holding the tokenizer. Its lm_head is random too (nanochat's init zeroes it, which makes every logit 0), so
+    greedy decoding wanders over the whole vocab, special tokens included. ``phase_record`` joins the
+    hyperparameters (e.g. ``{"init_from": ...}`` for a chat phase)."""
+    from nanolit.model import GPTConfig, build_gpt
+
+    base = path.parent / f"{path.stem}_base"
+    tokenizer.save(base / "tokenizer")
+    model = build_gpt(GPTConfig.from_depth(depth, tokenizer.get_vocab_size(), max_seq_len), seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    torch.save({"state_dict": {f"gpt.{k}": v for k, v in model.state_dict().items()}, "global_step": 7,
+                "hyper_parameters": {"depth": depth, "max_seq_len": max_seq_len, **phase_record},
+                "datamodule_hyper_parameters": {"base_dir": str(base)}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_ckpt(tmp_path_factory, byte_tokenizer) -> Path:
+    """A tiny random chat-phase (mid) .ckpt over the byte-level tokenizer."""
+    return save_tiny_ckpt(tmp_path_factory.mktemp("tiny_chat") / "mid.ckpt", byte_tokenizer,
+                          {"init_from": "base.ckpt", "target_param_data_ratio": 20})
+
+
+@pytest.fixture(scope="session")
+def mid_d2(tmp_path_factory, nanochat_d2) -> Path:
+    """The d2 fixture's weights and tokenizer laid out as a nanochat mid checkpoint: ``<base>/mid_checkpoints/d2``
+    (links to the fixture's files), so chat tools take it for a chat model."""
+    base = tmp_path_factory.mktemp("mid_d2")
+    folder = base / "mid_checkpoints" / "d2"
+    folder.mkdir(parents=True)
+    for name in ("model_000050.pt", "meta_000050.json"):
+        (folder / name).symlink_to(nanochat_d2 / name)
+    (base / "tokenizer").symlink_to(nanochat_d2 / "tokenizer")
+    return folder
+
+
+def _jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def write_task_data(base: Path) -> Path:
+    """Small files in the real schemas of every chat dataset, laid out under ``base`` as nanolit.data.tasks reads
+    them (ARC, MMLU, GSM8K, HumanEval, SmolTalk, identity conversations, a word list). Returns ``base``."""
+    from nanolit.data.tasks import IDENTITY_FILE, WORDS_FILE, task_folder
+
+    def arc(i, labels, answer):
+        return {"id": f"q{i}", "question": f"Question {i}: which one?", "answerKey": answer,
+                "choices": {"text": [f"choice {c}" for c in labels], "label": labels}}
+
+    easy = [arc(0, ["A", "B", "C", "D"], "A"), arc(1, ["A", "B", "C", "D"], "B"), arc(2, ["A", "B", "C"], "A"),
+            arc(3, ["A", "B", "C", "D"], "C"), arc(4, ["1", "2", "3", "4"], "1")]
+    _jsonl(task_folder(base, "ARC-Easy") / "test.jsonl", easy)
+    _jsonl(task_folder(base, "ARC-Easy") / "train.jsonl", easy[:3])
+    _jsonl(task_folder(base, "ARC-Challenge") / "test.jsonl", easy[1:4])
+    _jsonl(task_folder(base, "ARC-Challenge") / "train.jsonl", easy[3:])
+    mmlu = [{"question": f"MMLU {i}?", "subject": "anatomy", "choices": ["w", "x", "y", "z"], "answer": i % 4}
+            for i in range(6)]
+    _jsonl(task_folder(base, "mmlu-all") / "test.jsonl", mmlu)
+    gsm = [{"question": f"Tom has {n} apples and buys {n} more. How many?",
+            "answer": f"He has {n}+{n} = <<{n}+{n}={2 * n}>>{2 * n} apples.\n#### {2 * n:,}"} for n in (21, 600, 5)]
+    _jsonl(task_folder(base, "gsm8k-main") / "test.jsonl", gsm)
+    _jsonl(task_folder(base, "gsm8k-main") / "train.jsonl", gsm[::-1])
+    humaneval = [
+        {"task_id": "HumanEval/0", "entry_point": "add",
+         "prompt": "from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Add two numbers.\"\"\"\n",
+         "canonical_solution": "    return a + b\n",
+         "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"},
+        {"task_id": "HumanEval/1", "entry_point": "double",
+         "prompt": "def double(xs: list) -> list:\n    \"\"\"Double every item.\"\"\"\n",
+         "canonical_solution": "    return [2 * x for x in xs]\n",
+         "test": "def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n"},
+        {"task_id": "HumanEval/2", "entry_point": "add",
+         "prompt": "def add(a, b):\n    \"\"\"Add, the other way round.\"\"\"\n",
+         "canonical_solution": "    return b + a\n",
+         "test": "def check(candidate):\n    assert candidate(1, 1) == 2\n"},
+    ]
+    _jsonl(task_folder(base, "humaneval") / "test.jsonl", humaneval)
+    smol = [{"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Hi {i}"},
+                          {"role": "assistant", "content": f"Hello {i}! " * (i + 1)}]} for i in range(6)]
+    _jsonl(task_folder(base, "smoltalk") / "train.jsonl", smol)
+    _jsonl(task_folder(base, "smoltalk") / "test.jsonl", smol[:4])
+    _jsonl(base / IDENTITY_FILE, [[{"role": "user", "content": "Who are you?"},
+                                   {"role": "assistant", "content": "I am nanolit."}]] * 2)
+    (base / WORDS_FILE).write_text("strawberry\r\nbanana\r\napple\r\nkiwi\r\n")
+    return base

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 PLAIN = ["common", "model", "loss", "optim", "schedules", "tokenizer", "checkpoint", "engine", "eval.bpb", "eval.core",
-         "sharded", "data.corpus", "data.shards", "data.loader", "data.chat", "data.tasks"]
+         "sharded", "data.corpus", "data.shards", "data.loader", "data.chat", "data.tasks",
+         "sample", "chat_cli", "eval.base_loss", "hf", "eval.chat", "eval.execution", "data.sft"]
 
 # In a fresh interpreter: import the modules one by one and record what each brought in, so the first module
 # that pulls in a forbidden package is the one named.

@@ -1,4 +1,6 @@
-"""Mid-training tasks: conversations built from each source's real schema, and nanochat's task mixture (spec §5.3).
+"""Chat tasks: conversations built from each source's real schema, and nanochat's mid-training mixture (spec §5.3).
+
+The same tasks feed mid-training, SFT (:mod:`nanolit.data.sft`) and the chat evaluation (:mod:`nanolit.eval.chat`).
 
 Every task is a sliceable list of conversations ``{"messages": [...]}`` (see :mod:`nanolit.data.chat`).
 The three Hugging Face datasets are read from local files first; the layout under ``<base>/mid_data/`` mirrors
@@ -12,6 +14,10 @@ SmolTalk   ``smoltalk/data/``                          HuggingFaceTB/smol-smolta
 MMLU       ``mmlu/auxiliary_train/``, ``mmlu/all/``    cais/mmlu: question, subject, choices[4], answer (0-3);
                                                        auxiliary_train rows are wrapped in a ``train`` struct
 GSM8K      ``gsm8k/main/``                             openai/gsm8k: question, answer (``<<expr=result>>`` spans)
+ARC        ``arc/ARC-Easy/``, ``arc/ARC-Challenge/``   allenai/ai2_arc: question, choices {text[], label[]},
+                                                       answerKey (one of the labels)
+HumanEval  ``humaneval/openai_humaneval/``             openai/openai_humaneval: task_id, prompt,
+                                                       canonical_solution, test, entry_point (test split only)
 =========  ==========================================  ======================================================
 
 In a folder, a split is ``<split>.jsonl`` (one row object per line), ``<split>.parquet``, or the hub's shards
@@ -50,6 +56,22 @@ WORDS_FILE = "words_alpha.txt"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 
 PathLike = str | os.PathLike
+
+# Each hub dataset's local folder under <base>/mid_data/ (the table above).
+TASK_FOLDERS = {
+    "smoltalk": "smoltalk/data",
+    "mmlu-auxiliary_train": "mmlu/auxiliary_train",
+    "mmlu-all": "mmlu/all",
+    "gsm8k-main": "gsm8k/main",
+    "ARC-Easy": "arc/ARC-Easy",
+    "ARC-Challenge": "arc/ARC-Challenge",
+    "humaneval": "humaneval/openai_humaneval",
+}
+
+
+def task_folder(base_dir: PathLike, name: str) -> Path:
+    """Where the local files of dataset ``name`` (a key of ``TASK_FOLDERS``) are looked for."""
+    return Path(base_dir) / MID_DATA_DIR / TASK_FOLDERS[name]
 
 
 class Task(ABC):
@@ -273,6 +295,31 @@ class _HubTask(Task):
         return f"{type(self).__name__} {self.rows.where(self.order[index])}"
 
 
+class _SubsetTask(_HubTask):
+    """A hub dataset with named subsets (its configs) and splits, both checked at construction."""
+
+    subsets: tuple[str, ...]
+    splits: tuple[str, ...]
+
+    def __init__(
+        self,
+        subset: str,
+        split: str,
+        path: PathLike | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        step: int = 1,
+    ):
+        name = type(self).__name__
+        _check_choice(f"{name} subset", subset, self.subsets)
+        _check_choice(f"{name} split", split, self.splits)
+        self.check_pair(subset, split)
+        super().__init__(_open_rows(path, split, self.repo, subset), start, stop, step)
+
+    def check_pair(self, subset: str, split: str) -> None:
+        """Refuse a subset and split that exist but not together (none by default)."""
+
+
 class SmolTalk(_HubTask):
     """HuggingFaceTB/smol-smoltalk conversations (about 460K train, 24K test; §5.3), used as they are."""
 
@@ -300,26 +347,17 @@ def render_multiple_choice(question: str, letters: Sequence[str], choices: Seque
     return "".join(lines)
 
 
-class MMLU(_HubTask):
+class MMLU(_SubsetTask):
     """cais/mmlu as multiple choice chat: auxiliary_train (about 100K ARC/MC_TEST/OBQA/RACE questions) or "all"."""
 
     repo = "cais/mmlu"
     letters = ("A", "B", "C", "D")
+    subsets = ("all", "auxiliary_train")
+    splits = ("train", "validation", "dev", "test")
 
-    def __init__(
-        self,
-        subset: str,
-        split: str,
-        path: PathLike | None = None,
-        start: int = 0,
-        stop: int | None = None,
-        step: int = 1,
-    ):
-        _check_choice("MMLU subset", subset, ("all", "auxiliary_train"))
-        _check_choice("MMLU split", split, ("train", "validation", "dev", "test"))
+    def check_pair(self, subset: str, split: str) -> None:
         if subset == "auxiliary_train" and split != "train":
             raise NanolitError(f"MMLU auxiliary_train has only a 'train' split, not {split!r}")
-        super().__init__(_open_rows(path, split, self.repo, subset), start, stop, step)
 
     def get_example(self, index: int) -> dict:
         where = self.source_of(index)
@@ -360,23 +398,12 @@ def gsm8k_parts(answer: str) -> list[dict]:
     return parts
 
 
-class GSM8K(_HubTask):
+class GSM8K(_SubsetTask):
     """openai/gsm8k grade-school math (about 7.5K train, 1.3K test) with calculator tool calls."""
 
     repo = "openai/gsm8k"
-
-    def __init__(
-        self,
-        subset: str,
-        split: str,
-        path: PathLike | None = None,
-        start: int = 0,
-        stop: int | None = None,
-        step: int = 1,
-    ):
-        _check_choice("GSM8K subset", subset, ("main", "socratic"))
-        _check_choice("GSM8K split", split, ("train", "test"))
-        super().__init__(_open_rows(path, split, self.repo, subset), start, stop, step)
+    subsets = ("main", "socratic")
+    splits = ("train", "test")
 
     def get_example(self, index: int) -> dict:
         where = self.source_of(index)
@@ -386,6 +413,49 @@ class GSM8K(_HubTask):
             raise NanolitError(f"{where}: GSM8K answer is not a string; fix the row")
         reply = gsm8k_parts(answer)
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+
+
+class ARC(_SubsetTask):
+    """allenai/ai2_arc grade-school science questions as multiple choice chat (ARC-Easy about 2.3K train and 2.4K
+    test rows, ARC-Challenge 1.1K and 1.2K). The choices keep their own labels (a few rows use 1-4 or A-E)."""
+
+    repo = "allenai/ai2_arc"
+    subsets = ("ARC-Easy", "ARC-Challenge")
+    splits = ("train", "validation", "test")
+
+    def get_example(self, index: int) -> dict:
+        where = self.source_of(index)
+        row = self.row(index)
+        question, choices, answer = (_field(row, name, where) for name in ("question", "choices", "answerKey"))
+        letters, texts = _field(choices, "label", where), _field(choices, "text", where)
+        if not isinstance(letters, list) or not isinstance(texts, list) or len(letters) != len(texts):
+            raise NanolitError(f"{where}: ARC choices need equally long 'label' and 'text' lists; fix the row")
+        if answer not in letters:
+            raise NanolitError(f"{where}: ARC answerKey {answer!r} is not one of the labels {letters}; fix the row")
+        messages = [
+            {"role": "user", "content": render_multiple_choice(question, letters, texts)},
+            {"role": "assistant", "content": answer},
+        ]
+        return {"messages": messages, "letters": tuple(letters)}
+
+
+class HumanEval(_HubTask):
+    """openai/openai_humaneval: 164 Python functions to complete. The user gives the prompt (signature and
+    docstring), the assistant the prompt followed by the canonical body; ``test`` and ``entry_point`` are kept to
+    check a completion (:mod:`nanolit.eval.chat`)."""
+
+    repo = "openai/openai_humaneval"
+
+    def __init__(self, path: PathLike | None = None, start: int = 0, stop: int | None = None, step: int = 1):
+        super().__init__(_open_rows(path, "test", self.repo, None), start, stop, step)
+
+    def get_example(self, index: int) -> dict:
+        where = self.source_of(index)
+        row = self.row(index)
+        prompt, solution, test, entry_point = (
+            _field(row, name, where) for name in ("prompt", "canonical_solution", "test", "entry_point"))
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"{prompt}\n{solution}"}]
+        return {"messages": messages, "test": test, "entry_point": entry_point}
 
 
 class CustomJSON(Task):
@@ -582,14 +652,13 @@ def build_mid_mixture(base_dir: PathLike, split: str) -> TaskMixture:
 
 
 def _mid_mixture(base: Path, split: str) -> TaskMixture:
-    data = base / MID_DATA_DIR
     if split == "train":
         identity = _require(base / IDENTITY_FILE, IDENTITY_URL)
         words = _require(base / WORDS_FILE, WORDS_URL)
         tasks = [
-            SmolTalk("train", data / "smoltalk" / "data"),
-            MMLU("auxiliary_train", "train", data / "mmlu" / "auxiliary_train"),
-            GSM8K("main", "train", data / "gsm8k" / "main"),
+            SmolTalk("train", task_folder(base, "smoltalk")),
+            MMLU("auxiliary_train", "train", task_folder(base, "mmlu-auxiliary_train")),
+            GSM8K("main", "train", task_folder(base, "gsm8k-main")),
             CustomJSON(identity),
             CustomJSON(identity),
             SimpleSpelling(words, size=200_000, split="train"),
@@ -597,9 +666,9 @@ def _mid_mixture(base: Path, split: str) -> TaskMixture:
         ]
     elif split == "val":
         tasks = [
-            SmolTalk("test", data / "smoltalk" / "data"),
-            MMLU("all", "test", data / "mmlu" / "all", stop=5200),
-            GSM8K("main", "test", data / "gsm8k" / "main", stop=420),
+            SmolTalk("test", task_folder(base, "smoltalk")),
+            MMLU("all", "test", task_folder(base, "mmlu-all"), stop=5200),
+            GSM8K("main", "test", task_folder(base, "gsm8k-main"), stop=420),
         ]
     else:
         raise NanolitError(f"mid split {split!r} is not 'train' or 'val'")
