@@ -115,7 +115,19 @@ def run_lightning_cli(argv: list[str] | None):
     """``LightningCLI`` on ``argv`` (``None``: ``sys.argv``, which LightningCLI reads itself)."""
     from nanolit.lightning_cli import NanoCLI
 
-    return NanoCLI(args=argv)
+    cli = NanoCLI(args=argv)
+    leave_process_group()
+    return cli
+
+
+def leave_process_group() -> None:
+    """Ranks leave the process group together: Lightning leaves it up, and with gloo a rank that exits while its
+    peer still holds the group makes that peer abort now and then, failing a finished job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------------- tools

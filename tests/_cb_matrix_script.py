@@ -216,6 +216,9 @@ def main(out_dir: Path) -> None:
                           resume_from=out_dir / cell / "fresh" / "checkpoints" / "step=000002.ckpt")
             if rank == 0:
                 (out_dir / f"{cell}.json").write_text(json.dumps({"fresh": fresh, "resumed": resumed}))
+    if torch.distributed.is_initialized():  # leave together (a rank exiting early can abort its gloo peer)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

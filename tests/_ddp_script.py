@@ -122,6 +122,9 @@ def main(out_dir: Path, devices: int, loss_chunk_size: int = 0, ns_fp32: int = 0
                     "weights_before": record.weights_before, "losses": record.losses, "grads": record.grads,
                     "grad_norms": record.grad_norms, "synced_after": record.synced_after,
                     "weights": module.gpt.state_dict()}, out_dir / "result.pt")
+    if torch.distributed.is_initialized():  # leave together (a rank exiting early can abort its gloo peer)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

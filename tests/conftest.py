@@ -198,3 +198,12 @@ def write_task_data(base: Path) -> Path:
                                    {"role": "assistant", "content": "I am nanolit."}]] * 2)
     (base / WORDS_FILE).write_text("strawberry\r\nbanana\r\napple\r\nkiwi\r\n")
     return base
+
+
+def leave_process_group() -> None:
+    """Barrier, then destroy the gloo group: a rank that tears down while its peer is still using the group (or its
+    file store) makes that peer abort (SIGABRT), now and then, on a loaded machine."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

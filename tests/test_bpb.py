@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import leave_process_group
 from nanolit.common import NanolitError
 from nanolit.eval.bpb import bits_per_byte, bpb_sums, evaluate_bpb
 
@@ -104,26 +105,22 @@ RANK_BATCHES = [
 ]
 
 
-def _distributed_worker(rank: int, world: int, port: int, out_path: str):
+def _distributed_worker(rank: int, world: int, store: str, out_path: str):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     bpb = evaluate_bpb(FixedLossModel(), RANK_BATCHES[rank], 1, TOKEN_BYTES)
     torch.save({"bpb": bpb}, f"{out_path}.{rank}")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow
 def test_evaluate_bpb_across_two_ranks(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "bpb"
-    mp.spawn(_distributed_worker, args=(2, port, str(out)), nprocs=2)
+    store = str(tmp_path / "store")  # a file store: a free port found and closed first could be taken before the ranks bind it
+    mp.spawn(_distributed_worker, args=(2, store, str(out)), nprocs=2)
     # Counted targets over both ranks: 0 (0.5 nats, 1 byte), 3 (3.5, 5), 1 (1.5, 2), 1 (1.5, 2).
     expected = (0.5 + 3.5 + 1.5 + 1.5) / (math.log(2) * (1 + 5 + 2 + 2))
     for rank in range(2):

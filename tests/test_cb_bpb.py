@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import socket
 
 import lightning.pytorch as L
 import pytest
@@ -15,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_cb_toys import CharTokenizer, make_trainer, reference_bpb, toy_pair
 from torch.utils.data import DataLoader
 
+from conftest import leave_process_group
 from nanolit.callbacks import RunState, BitsPerByte, BPBValidation
 from nanolit.common import NanolitError
 from nanolit.eval.bpb import bits_per_byte
@@ -69,23 +69,21 @@ def test_two_partial_states_merge_to_the_whole():
     assert rank0.compute().item() == pytest.approx(_by_hand(batches, token_bytes), rel=1e-6)
 
 
-def _gloo_worker(rank: int, port: int, result_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _gloo_worker(rank: int, store: str, result_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     token_bytes = CharTokenizer().token_bytes()
     metric = BitsPerByte()
     for loss, y in _random_batches(6)[rank::2]:
         metric.update(loss, y, token_bytes)
     value = metric.compute().item()  # a collective: both ranks
     torch.save(value, f"{result_path}.{rank}")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow  # two processes that each import torch and Lightning: ~20 s on a small shared CPU
 def test_metric_all_reduces_across_two_gloo_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gloo_worker, args=(port, str(tmp_path / "bpb")), nprocs=2, join=True)
+    store = str(tmp_path / "store")  # a file store: a free port found and closed first could be taken before the ranks bind it
+    mp.spawn(_gloo_worker, args=(store, str(tmp_path / "bpb")), nprocs=2, join=True)
     expected = _by_hand(_random_batches(6), CharTokenizer().token_bytes())
     for rank in range(2):
         assert torch.load(tmp_path / f"bpb.{rank}") == pytest.approx(expected, rel=1e-6)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import leave_process_group
 from nanolit.common import NanolitError
 from nanolit.eval.core import (
     EVAL_BUNDLE_URL,
@@ -516,30 +517,26 @@ def test_download_that_is_not_a_zip(tmp_path, zip_server):
 # -----------------------------------------------------------------------------
 # Two gloo ranks split the examples and sum their results (spec §7.3)
 
-def _distributed_worker(rank: int, world: int, port: int, data: list, out_path: str):
+def _distributed_worker(rank: int, world: int, store: str, data: list, out_path: str):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     tokenizer = CharTokenizer()
     acc = evaluate_task(BigramModel(PREFS), tokenizer, data, "cpu", meta("multiple_choice"))
     if rank == 0:
         torch.save({"acc": acc}, out_path)
     # Each rank rendered only its own examples: r, r+W, ...
     assert len(tokenizer.prompts) == sum(len(data[i]["choices"]) for i in range(rank, len(data), world))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow
 def test_evaluate_task_across_two_ranks(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     data = TINY_TASKS[1][6] * 2 + TINY_TASKS[1][6][:1]
     single = evaluate_task(BigramModel(PREFS), CharTokenizer(), data, "cpu", meta("multiple_choice"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "acc.pt"
-    mp.spawn(_distributed_worker, args=(2, port, data, str(out)), nprocs=2)
+    store = str(tmp_path / "store")  # a file store: a free port found and closed first could be taken before the ranks bind it
+    mp.spawn(_distributed_worker, args=(2, store, data, str(out)), nprocs=2)
     assert torch.load(out)["acc"] == pytest.approx(single) == pytest.approx(7 / 9)

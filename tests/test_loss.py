@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_model import load_fixture_model
-from test_module import FixedSteps, make_module, make_steps, trainer
+from test_module import T as MODULE_T, V as MODULE_V, FixedSteps, make_module, make_steps, trainer
 
 import nanolit.model
 from nanolit.loss import softcap_cross_entropy
@@ -42,8 +42,10 @@ def test_fp32_loss_and_gradients_equal_the_one_shot_head(chunk):
     ref = grads(lambda: one_shot(x, w, t), x, w)
     got = grads(lambda: softcap_cross_entropy(x, w, t, 15.0, chunk), x, w)
     assert (15 * torch.tanh(F.linear(x, w) / 15)).abs().max() > 10  # the softcap is exercised, not linear
+    # the chunked head sums its gradients over ~1000 rows by hand, in another order than autograd's matmul: a few
+    # units of 2^-24 of the sums (2.6-6.4e-7 of the norm measured), well inside 1e-5
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12
 
 
 def test_bf16_autocast_matches_within_bf16_rounding():
@@ -102,15 +104,19 @@ def test_training_with_chunks_matches_training_without(monkeypatch):
     monkeypatch.setattr(nanolit.model, "softcap_cross_entropy",
                         lambda *a, **k: calls.append(a[4]) or softcap_cross_entropy(*a, **k))
     steps = make_steps(3, seed=5)
+    start = build_gpt(GPTConfig.from_depth(2, vocab_size=MODULE_V, sequence_len=MODULE_T)).state_dict()  # seed 42: both runs
     plain = make_module(num_iterations=3, matrix_lr=0.0, export=False)
     chunked = make_module(num_iterations=3, matrix_lr=0.0, export=False, loss_chunk_size=10)
     trainer().fit(plain, FixedSteps(copy.deepcopy(steps)))
     assert calls == []
     trainer().fit(chunked, FixedSteps(copy.deepcopy(steps)))
     assert calls == [10] * 3 * 3  # every micro-step of every step
-    # wte moves ~0.5 a step (lr 0.2 x width scaling, Adam-normalised): last-bit gradient differences show at 1e-6
+    # The heads' gradients differ in the last bits (3e-7 relative); Adam divides that by |g|, so an element whose
+    # gradient nearly cancels can move much further, elementwise. Per tensor, the runs stay within 1e-3 of the
+    # distance it moved (1.2e-5 the worst of 30 data seeds); a wrong loss head is off by about all of it.
     for (name, p), q in zip(plain.gpt.state_dict().items(), chunked.gpt.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+        moved = (p - start[name].to(p.dtype)).norm()
+        assert (p - q).norm() <= 1e-3 * moved, name
     assert not torch.equal(plain.gpt.lm_head.weight, torch.zeros_like(plain.gpt.lm_head.weight))  # it trained
 
 
@@ -137,5 +143,7 @@ def test_compiles_without_graph_breaks():
 
     ref = step(gpt)
     got = step(torch.compile(gpt, dynamic=False, fullgraph=True), loss_chunk_size=20)
+    # inductor reorders and vectorises the sums per instruction set: fp32 sums of 64 rows in another order differ by
+    # ~sqrt(64) * 2^-24 of their size, far below 1e-5 of the norm
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12

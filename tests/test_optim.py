@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nanolit.common import NanolitError
+import nanolit.optim
 from nanolit.optim import NS_COEFFS, Muon, build_optimizers, zeropower_via_newtonschulz5
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -108,7 +109,9 @@ def test_ns5_maps_each_singular_value_through_the_quintic(rows, cols):
     G = (U * s) @ V.T
     in_basis = U.T @ zeropower_via_newtonschulz5(G.float()).double() @ V
     expected = torch.diag(quintic_5(s / s.norm()))
-    torch.testing.assert_close(in_basis, expected, atol=0.05, rtol=0)
+    # bf16 iterates: each of the 5 steps rounds to 2^-9 relative and the quintic's gain (up to 3.4445) carries it
+    # on, so entries end up to ~0.05 off; 0.08 covers the worst of 300 seed/shape draws (0.0511)
+    torch.testing.assert_close(in_basis, expected, atol=0.08, rtol=0)
 
 
 def test_ns5_orientation_dtype_and_zero():
@@ -126,7 +129,16 @@ def test_ns5_orientation_dtype_and_zero():
 # --------------------------------------------------------------------------- Muon
 
 
-def test_muon_two_steps_match_the_formulas():
+@pytest.fixture
+def fp32_newton_schulz(monkeypatch):
+    """Newton-Schulz in fp32 for formula checks: the reference's mul+add and Muon's lerp differ by one fp32 ulp in
+    places, which in bf16 can flip an element across a rounding boundary and change the update by far more than an
+    ulp. In fp32 an ulp stays an ulp, amplified at most ~490x by the quintic's five steps (gain a=3.4445 each on
+    small singular values): 1e-4 of an update is that bound with room."""
+    monkeypatch.setattr(nanolit.optim, "NS_DTYPE", torch.float32)
+
+
+def test_muon_two_steps_match_the_formulas(fp32_newton_schulz):
     g = torch.Generator().manual_seed(0)
     shapes = [(24, 8), (8, 24), (16, 16)]  # tall (scale sqrt(3)), wide (1), square (1)
     params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
@@ -147,11 +159,10 @@ def test_muon_two_steps_match_the_formulas():
             scale = max(1.0, rows / cols) ** 0.5
             ref_p[i] = ref_p[i] - lr * scale * zeropower_via_newtonschulz5(nesterov).float()
             torch.testing.assert_close(opt.state[params[i]]["momentum_buffer"], ref_buf[i], rtol=1e-6, atol=1e-7)
-            # the update is a bf16 matrix (entries ~0.2, ulp ~1e-3) times lr*scale
-            torch.testing.assert_close(params[i].detach(), ref_p[i], rtol=0, atol=lr * scale * 2e-3)
+            torch.testing.assert_close(params[i].detach(), ref_p[i], rtol=0, atol=lr * scale * 1e-4)
 
 
-def test_muon_without_nesterov_uses_the_buffer():
+def test_muon_without_nesterov_uses_the_buffer(fp32_newton_schulz):
     g = torch.Generator().manual_seed(3)
     p = nn.Parameter(torch.randn(8, 12, generator=g))
     start = p.detach().clone()
@@ -163,7 +174,7 @@ def test_muon_without_nesterov_uses_the_buffer():
     buf1 = 0.5 * grads[0]
     buf2 = 0.5 * buf1 + 0.5 * grads[1]
     expected = start - 0.1 * zeropower_via_newtonschulz5(buf1).float() - 0.1 * zeropower_via_newtonschulz5(buf2).float()
-    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0.1 * 2 * 2e-3)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0.1 * 2 * 1e-4)
 
 
 def test_muon_groups_by_numel_like_nanochat():

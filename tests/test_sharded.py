@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import leave_process_group
 from nanolit.common import NanolitError
 from nanolit.model import GPTConfig, build_gpt
 from nanolit.optim import Muon, build_optimizers
@@ -226,7 +227,7 @@ def _steps_worker(rank: int, tmp: Path) -> None:
         DistAdamW([dict(params=[nn.Parameter(torch.zeros(5, 4))], name="wte")])
     with pytest.raises(RuntimeError, match="consolidate_state_dict"):
         adamw.state_dict()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow  # two spawned processes: ~10 s here
@@ -287,7 +288,7 @@ def _checkpoint_worker(rank: int, tmp: Path) -> None:
         results[name] = snapshot(params)
         results[name + "_owned"] = sum(1 for p in params[2:] if opts[1].state.get(p))
     torch.save(results, tmp / f"ckpt{rank}.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow  # two spawned processes: ~10 s here
@@ -316,7 +317,9 @@ def test_checkpoints_consolidate_and_load_on_any_world_size(tmp_path):
             for key, value in entry.items():
                 assert value.shape == theirs["state"][i][key].shape and value.dtype == theirs["state"][i][key].dtype
                 assert value.device.type == "cpu"
-                torch.testing.assert_close(value, theirs["state"][i][key], rtol=1e-5, atol=1e-9)
+                # exp_avg is mul+add on one side and lerp on the other: one fp32 ulp of the O(0.3) summands (3e-8),
+                # which a cancelling sum keeps while the result shrinks, hence an absolute bound
+                torch.testing.assert_close(value, theirs["state"][i][key], rtol=1e-5, atol=1e-7)
 
     for rank in ranks:
         uninterrupted = rank["uninterrupted"]
@@ -440,6 +443,8 @@ SCRIPT = textwrap.dedent('''
         except NanolitError as e:
             weights["refused"] = str(e)
         torch.save(weights, out / f"rank{{rank}}.pt")
+        torch.distributed.barrier()  # leave together (a rank exiting early can abort its gloo peer)
+        torch.distributed.destroy_process_group()
 ''').format(V=V, T=T, B=B)
 
 
@@ -485,8 +490,10 @@ def test_lightning_two_process_sharded_fit_matches_one_process(tmp_path):
     # an unsharded 1-process checkpoint resumes on 2 sharded processes exactly as on 1 sharded process
     resumed_one = fit(tmp_path / "from_single_one", True, 1, tmp_path / "single" / "step=2.ckpt").gpt.state_dict()
     assert_weights_close(ranks[0]["from_single"], resumed_one, rtol=0, atol=0)
-    # and the 2-process sharded checkpoint resumes unsharded on 1 process. Sharded and unsharded runs differ by
-    # AdamW's eps placement, which matters where a gradient entry is near eps (wte lr is 0.49 here)
+    # and the 2-process sharded checkpoint resumes unsharded on 1 process exactly as the 1-process sharded one does
+    # (their step-2 states are equal, asserted above). Sharded and unsharded *runs* are not compared: they place
+    # AdamW's eps differently (nanochat's DistAdamW vs torch's AdamW, tested in test_optim), and where a gradient
+    # entry is near eps that is a fraction of a whole step, which last-bit rounding decides.
     back = fit(tmp_path / "back", False, 1, tmp_path / "sharded" / "step=2.ckpt").gpt.state_dict()
-    for weights in (ranks[0]["sharded"], ranks[0]["from_single"], back):
-        assert_weights_close(weights, single, rtol=0, atol=2e-2)
+    back_one = fit(tmp_path / "back_one", False, 1, tmp_path / "one" / "step=2.ckpt").gpt.state_dict()
+    assert_weights_close(back, back_one, rtol=0, atol=0)
