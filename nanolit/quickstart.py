@@ -1,10 +1,13 @@
-"""``nanolit quickstart`` (``make quickstart``): the whole pipeline on the embedded corpus, offline, in minutes.
+"""``nanolit quickstart`` (``make quickstart``): base and mid-training on what ships with Python, offline, in minutes.
 
 1. shards from the Python documentation that ships with the interpreter (``nanolit.data.corpus``);
 2. a 4096-token BPE tokenizer trained on them;
 3. ``nanolit fit -c configs/quickstart.yaml``: a d4 GPT with the real recipe, val bpb every 30 steps,
-   samples, checkpoints and ``report.md`` under the output folder.
-Steps 1-2 are skipped when their outputs exist, so a second run goes straight to training.
+   samples, checkpoints and ``report.md`` under the output folder, exported in nanochat's format;
+4. a small chat dataset in the real mid-training formats (``nanolit.data.offline_chat``), then
+   ``nanolit fit -c configs/mid.yaml`` on it: 40 steps of mid-training from the model step 3 exported.
+Steps 1, 2 and the chat data are skipped when their outputs exist, and both fits resume (``--ckpt_path last``), so
+a second run continues an interrupted one and says so about a finished one.
 """
 from __future__ import annotations
 
@@ -14,7 +17,13 @@ from pathlib import Path
 
 from nanolit.common import NanolitError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG, MID_CONFIG = CONFIGS / "quickstart.yaml", CONFIGS / "mid.yaml"
+# mid-training at the quickstart's size: its batch, 40 steps (mid's horizon is the data's num_iterations, whose
+# step N is the signal to stop), val bpb every 20 steps on 16K tokens
+MID_OVERRIDES = ["--model.max_seq_len=256", "--model.device_batch_size=8", "--model.total_batch_size=4096",
+                 "--model.loss_chunk_size=512", "--data.num_iterations=41", "--data.eval_tokens=16384",
+                 "--bpb.eval_every=20", "--trainer.devices=1"]
 VOCAB_SIZE = 4096  # the size nanochat's own CPU smoke tests use (the d2 fixture's tokenizer)
 CHARS_PER_SHARD = 400_000  # ~2.3 MB corpus -> 5 train shards and a val shard
 
@@ -26,27 +35,40 @@ def prepare_base_dir(base: Path) -> None:
     from nanolit.tokenizer import train_tokenizer
 
     if not list_parquet_files(base / "base_data"):
-        print("[1/3] building shards from the Python documentation shipped with this interpreter ...", flush=True)
+        print("[1/4] building shards from the Python documentation shipped with this interpreter ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             corpus = write_default_corpus(Path(tmp) / "python_docs.jsonl")
             shards = write_shards_from_text([corpus], base / "base_data", chars_per_shard=CHARS_PER_SHARD,
                                             val_fraction=0.1)
         print(f"      {len(shards)} shards in {base / 'base_data'}", flush=True)
     if not (base / "tokenizer" / "tokenizer.pkl").exists():
-        print(f"[2/3] training a {VOCAB_SIZE}-token BPE tokenizer ...", flush=True)
+        print(f"[2/4] training a {VOCAB_SIZE}-token BPE tokenizer ...", flush=True)
         train_tokenizer(base, vocab_size=VOCAB_SIZE)
 
 
 def quickstart(out: Path, extra: list[str]) -> None:
-    """Prepare ``out/base`` and train with the quickstart config; ``extra`` are ``nanolit fit`` overrides."""
+    """Prepare ``out/base``, train with the quickstart config, then mid-train on the offline chat data; ``extra``
+    are ``nanolit fit`` overrides for the base run."""
     from nanolit.cli import run_lightning_cli
+    from nanolit.data.offline_chat import write_offline_chat_data
+    from nanolit.data.tasks import IDENTITY_FILE
 
-    if not CONFIG.is_file():
-        raise NanolitError(f"{CONFIG} is missing; run the quickstart from a nanolit source checkout")
+    for config in (CONFIG, MID_CONFIG):
+        if not config.is_file():
+            raise NanolitError(f"{config} is missing; run the quickstart from a nanolit source checkout")
     base = out / "base"
     prepare_base_dir(base)
-    print("[3/3] training (nanolit fit -c configs/quickstart.yaml) ...", flush=True)
+    print("[3/4] base training (nanolit fit -c configs/quickstart.yaml) ...", flush=True)
     sys.argv = sys.argv[:1]  # the fit arguments below are the whole command line (LightningCLI warns otherwise)
     run_lightning_cli(["fit", "-c", str(CONFIG), f"--data.init_args.base_dir={base}",
-                       f"--trainer.default_root_dir={out}", *extra])
-    print(f"\ndone: logs, checkpoints and report.md are in {out}")
+                       f"--trainer.default_root_dir={out}", "--ckpt_path", "last", *extra])
+    if not (base / IDENTITY_FILE).exists():
+        counts = ", ".join(f"{v:,} {k}" for k, v in write_offline_chat_data(base).items())
+        print(f"[4/4] mid-training on a chat set built from Python's docs ({counts}): "
+              "nanolit fit -c configs/mid.yaml ...", flush=True)
+    else:
+        print("[4/4] mid-training (nanolit fit -c configs/mid.yaml) ...", flush=True)
+    run_lightning_cli(["fit", "-c", str(MID_CONFIG), f"--data.init_args.base_dir={base}",
+                       f"--trainer.default_root_dir={out / 'mid'}", "--ckpt_path", "last", *MID_OVERRIDES])
+    print(f"\ndone: logs, checkpoints and report.md are in {out} (base) and {out / 'mid'} (mid); the models in "
+          f"nanochat's format are in {base / 'base_checkpoints'} and {base / 'mid_checkpoints'}")
