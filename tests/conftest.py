@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NANOLIT_SHARED", ROOT.parent / "shared"))
 FIXTURE_D2 = SHARED / "fixtures" / "nanochat_d2"
+FIXTURE_2026 = SHARED / "fixtures" / "nanochat_2026_d2"
 EVAL_BUNDLE = SHARED / "data" / "eval_bundle"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -39,6 +40,19 @@ def nanochat_d2() -> Path:
 @pytest.fixture(scope="session")
 def expected_d2(nanochat_d2) -> dict:
     return json.loads((nanochat_d2 / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def nanochat_2026() -> Path:
+    """nanochat 92d63d4's d2 run (model/meta/optim at step 50, tokenizer/, all five base_data shards, expected.json)."""
+    if not (FIXTURE_2026 / "expected.json").exists():
+        pytest.skip(f"nanochat 2026 fixture not found at {FIXTURE_2026} (set NANOLIT_SHARED)")
+    return FIXTURE_2026
+
+
+@pytest.fixture(scope="session")
+def expected_2026(nanochat_2026) -> dict:
+    return json.loads((nanochat_2026 / "expected.json").read_text())
 
 
 @pytest.fixture(scope="session")
