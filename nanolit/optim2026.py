@@ -255,12 +255,13 @@ def group_hyperparameters(n_embd: int, *, unembedding_lr: float = 0.004, embeddi
     return settings
 
 
-def build_muon_adamw(model: nn.Module, **lrs: float) -> MuonAdamW:
+def build_muon_adamw(model: nn.Module, optimizer_cls: type[MuonAdamW] = MuonAdamW, **lrs: float) -> MuonAdamW:
     """nanochat 92d63d4's ``GPT.setup_optimizer`` for a ``GPT2026``: the six AdamW groups of
     :func:`group_hyperparameters` in that order, then one Muon group per matrix shape of ``transformer.h`` (shapes
     sorted, model order inside). ``lrs``: the keywords of :func:`group_hyperparameters`. Every group gets
     ``initial_lr`` (the schedules multiply it) and a ``name`` for LR logging (``muon_<rows>x<cols>`` for Muon),
-    kept across ``load_state_dict`` of nanochat's files, which have none.
+    kept across ``load_state_dict`` of nanochat's files, which have none. ``optimizer_cls``: ``MuonAdamW`` or its
+    sharded form (``nanolit.sharded2026``).
     """
     settings = group_hyperparameters(model.config.n_embd, **lrs)
     members = {
@@ -279,7 +280,7 @@ def build_muon_adamw(model: nn.Module, **lrs: float) -> MuonAdamW:
     check_coverage(model, [p for group in groups for p in group["params"]], "the parameters of a GPT2026")
     for group in groups:
         group["initial_lr"] = group["lr"]
-    optimizer = MuonAdamW(groups, compute_dtype=model.compute_dtype)
+    optimizer = optimizer_cls(groups, compute_dtype=model.compute_dtype)
     keep_group_keys(optimizer, ("name",))
     return optimizer
 
