@@ -7,8 +7,10 @@ one function serves training (``Tq == Tk``), a prefill into a KV cache and singl
 Two implementations give the same values:
 - ``sdpa``: nanochat's SDPA fallback, branch for branch (is_causal when the window covers the sequence, a key slice
   for one query, else an explicit boolean mask), so its kernels and rounding are the ones nanochat ran on CPU;
-- ``flex``: torch's FlexAttention with a block mask, compiled. torch 2.13 has no FlexAttention backward on CPU,
-  so on CPU it only serves passes without gradients (``benchmarks/attention.py`` measures both).
+- ``flex``: torch's FlexAttention with a block mask, compiled (a few seconds per new shape). torch 2.13 has no
+  FlexAttention backward on CPU, so on CPU it serves passes without gradients: there it takes 0.36-0.75x the time
+  of the masked SDPA path (``benchmarks/attention.py``, benchmarks/README.md). Shapes that change every call
+  (KV-cache decoding, CORE's prompts) would recompile every time: keep ``sdpa`` for them.
 """
 from __future__ import annotations
 
@@ -79,9 +81,19 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, impl: str = "sdpa") -> torch.Tensor:
-    """Sliding-window causal attention by ``impl`` (see the module docstring)."""
+    """Sliding-window causal attention by ``impl`` (see the module docstring).
+
+    ``"flex"`` runs FlexAttention where it pays: a pass without gradients (evaluation) on a whole sequence whose
+    window masks part of it. A pass that needs gradients on CPU (no FlexAttention backward there), a KV-cache step
+    (a new key length each step, one compiled graph each) and a full causal layer (SDPA's fast is_causal kernel)
+    take the SDPA path.
+    """
     if impl == "sdpa":
         return sdpa_attention(q, k, v, window)
-    if impl == "flex":
-        return flex_attention(q, k, v, window)
-    raise NanolitError(f"unknown attention implementation {impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    if impl != "flex":
+        raise NanolitError(f"unknown attention implementation {impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    Tq, Tk = q.size(2), k.size(2)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if Tq != Tk or not 0 <= window < Tq or (needs_grad and q.device.type == "cpu"):
+        return sdpa_attention(q, k, v, window)
+    return flex_attention(q, k, v, window)

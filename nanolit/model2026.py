@@ -147,7 +147,6 @@ class CausalSelfAttention(Dec2025Attention):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            impl = "sdpa"  # each decode step has a new key length: one compiled FlexAttention graph per step
         y = attention(q, k, v, window, impl)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
@@ -168,8 +167,9 @@ class GPT2026(nn.Module):
     """nanochat 92d63d4's GPT. Construction allocates parameters without initialising them: use
     :func:`build_gpt2026` or call :meth:`init_weights` (checkpoint loading overwrites them anyway).
 
-    ``compute_dtype``: the activations' dtype (see :func:`detect_compute_dtype`); ``attn_impl``: ``"sdpa"`` or
-    ``"flex"`` for passes without a KV cache (``nanolit/attention.py``).
+    ``compute_dtype``: the activations' dtype (see :func:`detect_compute_dtype`); ``attn_impl``: ``"sdpa"``
+    (nanochat's path), or ``"flex"`` to run the masked layers of gradient-free full passes (evaluation at a fixed
+    shape) through FlexAttention, faster on CPU (``nanolit/attention.py``); it can be switched at any time.
     """
 
     uses_autocast = False  # nanolit.engine runs the d575940 GPT under autocast; this one casts for itself

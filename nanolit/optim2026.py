@@ -230,7 +230,8 @@ def _check_group(group: dict) -> None:
 
 
 def group_hyperparameters(n_embd: int, *, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
-                          matrix_lr: float = 0.02, weight_decay: float = 0.0, scalar_lr: float = 0.5) -> dict[str, dict]:
+                          matrix_lr: float = 0.02, weight_decay: float = 0.0,
+                          scalar_lr: float = 0.5) -> dict[str, dict]:
     """nanochat 92d63d4's optimizer settings by group name (``GPT.setup_optimizer``; defaults are that function's,
     base_train passes batch-scaled LRs and a scaled weight decay, see ``nanolit.recipe2026``).
 

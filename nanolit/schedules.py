@@ -36,7 +36,8 @@ def _check_horizon(num_iterations: int, warmdown_ratio: float) -> None:
     if num_iterations < 1:
         raise NanolitError(f"num_iterations must be >= 1 (got {num_iterations}); set a positive training horizon")
     if not 0.0 <= warmdown_ratio <= 1.0:
-        raise NanolitError(f"warmdown_ratio must be in [0, 1] (got {warmdown_ratio}); it is a fraction of num_iterations")
+        raise NanolitError(f"warmdown_ratio must be in [0, 1] (got {warmdown_ratio}); it is a fraction of "
+                           f"num_iterations")
 
 
 def _warmup_constant_warmdown(it: int, num_iterations: int, warmup_iters: int, warmdown_iters: int,

@@ -81,6 +81,13 @@ def make_base_dir(root: Path, tokenizer_dir: Path, num_docs: int = 400, chars_pe
     return base
 
 
+def same_state(a: dict, b: dict) -> bool:
+    """Two optimizer ``state`` dicts hold the same keys, equal tensors and equal other values."""
+    if a.keys() != b.keys() or any(a[i].keys() != b[i].keys() for i in a):
+        return False
+    return all(torch.equal(v, a[i][k]) if torch.is_tensor(v) else v == a[i][k] for i in b for k, v in b[i].items())
+
+
 def write_word_shards(root: Path, num_docs: int, max_words: int, chars_per_shard: int, seed: int) -> list[Path]:
     """Shards under ``root/base_data`` of ``num_docs`` random documents of 2..``max_words`` WORDS (seeded), 4 documents
     per row group and 10% val: many small row groups, so that resume and rank striding have something to skip."""

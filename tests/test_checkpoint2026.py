@@ -1,4 +1,4 @@
-"""nanochat 92d63d4 checkpoints: read (with the fixture's figures), written in that commit's layout, multi-rank files."""
+"""nanochat 92d63d4 checkpoints: read (with the fixture's figures), written in that commit's layout, per-rank files."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import same_state
 
 from nanolit.checkpoint import (build_model, detect_architecture, load_model, load_nanochat, load_optimizer_2026,
                                 nanochat_meta_2026, read_optimizer_2026, save_nanochat, save_nanochat_checkpoint)
@@ -71,8 +72,7 @@ def test_save_writes_nanochats_layout(nanochat_2026, expected_2026, tmp_path):
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     written = torch.load(tmp_path / "optim_000050_rank0.pt", weights_only=True)
     assert written["param_groups"] == saved_optim["param_groups"]  # nanochat's keys only, no "name"
-    assert all(torch.equal(written["state"][i][k], v) if torch.is_tensor(v) else written["state"][i][k] == v
-               for i, s in saved_optim["state"].items() for k, v in s.items())
+    assert same_state(written["state"], saved_optim["state"])
     again, _ = load_nanochat(tmp_path)
     fresh = build_muon_adamw(again)
     load_optimizer_2026(tmp_path, STEP, fresh)
@@ -91,8 +91,7 @@ def test_multi_rank_files_and_merge(nanochat_2026, tmp_path):
     numels = [p.numel() for g in optimizer.param_groups for p in g["params"]]
     merged = read_optimizer_2026(tmp_path, STEP, numels)
     full = optimizer.state_dict()
-    assert all(torch.equal(merged["state"][i][k], v) if torch.is_tensor(v) else merged["state"][i][k] == v
-               for i, s in full["state"].items() for k, v in s.items())
+    assert same_state(merged["state"], full["state"])
     (tmp_path / "optim_000050_rank0.pt").unlink()
     with pytest.raises(NanolitError, match="ranks 0..W-1"):
         read_optimizer_2026(tmp_path, STEP, numels)
@@ -106,8 +105,8 @@ def test_meta_has_the_2026_fields(expected_2026):
                                                      "eval_every", "eval_tokens", "core_metric_every",
                                                      "core_metric_max_per_task", "sample_every", "save_every",
                                                      "model_tag")}
-    meta = nanochat_meta_2026(plan, 50, fixture["val_bpb"], {"pq_idx": 2, "rg_idx": 1, "epoch": 6, "next": [6, 2, 1, 18],
-                                                             "buffer": []}, fixture["loop_state"], others)
+    loader = {"pq_idx": 2, "rg_idx": 1, "epoch": 6, "next": [6, 2, 1, 18], "buffer": []}
+    meta = nanochat_meta_2026(plan, 50, fixture["val_bpb"], loader, fixture["loop_state"], others)
     assert list(meta) == list(fixture)
     assert {k: v for k, v in meta.items() if k != "dataloader_state_dict"} == {
         k: v for k, v in fixture.items() if k != "dataloader_state_dict"}
@@ -137,7 +136,8 @@ def test_other_2026_key_sets_are_refused(nanochat_2026, fixture_state, tmp_path)
 
 
 def test_d575940_optimizer_files_are_not_read_as_2026(nanochat_2026, tmp_path):
-    torch.save([{"state": {}, "param_groups": []}, {"state": {}, "param_groups": []}], tmp_path / "optim_000050_rank0.pt")
+    old_layout = [{"state": {}, "param_groups": []}, {"state": {}, "param_groups": []}]  # [adamw, muon]
+    torch.save(old_layout, tmp_path / "optim_000050_rank0.pt")
     with pytest.raises(NanolitError, match="list"):
         read_optimizer_2026(tmp_path, STEP, [])
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanolit.attention import flex_attention, sdpa_attention, window_mask
+from nanolit.attention import attention, flex_attention, sdpa_attention, window_mask
 from nanolit.common import NanolitError
 from nanolit.engine import Engine, KVCache
 from nanolit.model2026 import (GPT2026, GPTConfig2026, Linear, build_gpt2026, detect_compute_dtype,
@@ -125,16 +125,29 @@ def test_window_mask_counts_window_plus_one_keys():
 
 
 @pytest.mark.slow
-def test_flex_attention_equals_sdpa_without_gradients():
+def test_flex_attention_equals_sdpa_without_gradients(fixture_model, fixture_batch, expected_2026):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 256, 32, generator=gen) for _ in range(3))
     with torch.no_grad():
-        for window in (128, -1):
-            # both fp32 with a different blocking of the softmax sums: a few ulp of O(1) outputs
-            torch.testing.assert_close(flex_attention(q, k, v, window), sdpa_attention(q, k, v, window),
-                                       rtol=0, atol=1e-5)
+        # both fp32, the softmax sums blocked differently: a few ulp of O(1) outputs
+        torch.testing.assert_close(flex_attention(q, k, v, 128), sdpa_attention(q, k, v, 128), rtol=0, atol=1e-5)
+        torch.testing.assert_close(attention(q, k, v, 128, "flex"), sdpa_attention(q, k, v, 128), rtol=0, atol=1e-5)
     with pytest.raises(NanolitError, match="no backward on CPU"):
         flex_attention(q.requires_grad_(), k, v, 128)
+    # "flex" leaves to SDPA what FlexAttention cannot do or would recompile for: the very same tensors come back
+    assert torch.equal(attention(q, k, v, 128, "flex"), sdpa_attention(q, k, v, 128))  # gradients on CPU
+    with torch.no_grad():
+        assert torch.equal(attention(q[:, :, -1:], k, v, 128, "flex"), sdpa_attention(q[:, :, -1:], k, v, 128))
+        assert torch.equal(attention(q, k, v, 256, "flex"), sdpa_attention(q, k, v, 256))
+    x, y = fixture_batch
+    try:
+        fixture_model.attn_impl = "flex"
+        with torch.no_grad():
+            assert fixture_model(x, y).item() == pytest.approx(expected_2026["loss_mean"], abs=1e-5)
+        fixture_model(x, y).backward()  # training in flex mode takes SDPA on CPU
+    finally:
+        fixture_model.attn_impl = "sdpa"
+        fixture_model.zero_grad(set_to_none=True)
 
 
 def test_window_sizes_follow_the_pattern():

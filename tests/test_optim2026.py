@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import same_state
 
 from nanolit.common import NanolitError
 from nanolit.model2026 import GPTConfig2026, build_gpt2026
@@ -45,10 +46,7 @@ def test_fixture_file_loads_and_round_trips(fixture_opt):
         "muon_1x12", "muon_128x128", "muon_128x512", "muon_512x128"]  # kept though the file has no names
     ours = optimizer.state_dict()
     assert [{k: v for k, v in g.items() if k != "name"} for g in ours["param_groups"]] == saved["param_groups"]
-    assert ours["state"].keys() == saved["state"].keys()
-    for i, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(ours["state"][i][key], value) if torch.is_tensor(value) else ours["state"][i][key] == value
+    assert same_state(ours["state"], saved["state"])
     buffer = io.BytesIO()
     torch.save(ours, buffer)
     again = build_muon_adamw(model)
@@ -251,10 +249,7 @@ def test_rank_files_split_and_merge(fixture_opt, world):
     assert torch.equal(parts[0]["state"][8]["momentum_buffer"], saved["state"][8]["momentum_buffer"])
     assert all(p["state"][8]["second_momentum_buffer"].abs().sum() == 0 for p in parts[1:])
     merged = merge_rank_state_dicts(parts, numels)
-    assert merged["param_groups"] == saved["param_groups"]
-    for i, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(merged["state"][i][key], value) if torch.is_tensor(value) else merged["state"][i][key] == value
+    assert merged["param_groups"] == saved["param_groups"] and same_state(merged["state"], saved["state"])
 
 
 def test_rank_files_need_rows_divisible_by_the_world_size(fixture_opt):

@@ -84,7 +84,8 @@ class _Packer:
             rows = texts[pq_idx, rg_idx]
             if max(doc_ids) >= len(rows):
                 raise NanolitError(f"resume state names document {max(doc_ids)} of row group {rg_idx} in "
-                                   f"{files[pq_idx].name}, which has {len(rows)}; the shards changed since it was saved")
+                                   f"{files[pq_idx].name}, which has {len(rows)}; the shards changed since it was "
+                                   f"saved")
             self._add([(epoch, pq_idx, rg_idx, d) for d in doc_ids], [rows[d] for d in doc_ids])
 
     def _add(self, positions: list[tuple[int, int, int, int]], texts: list[str]) -> None:
