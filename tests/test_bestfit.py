@@ -117,7 +117,7 @@ def test_fixture_val_batches(nanochat_2026, fixture_files, tokenizer, expected_2
     texts = pq.read_table(val[0]).column("text").to_pylist()[:2]
     stream = [t for doc in tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id()) for t in doc]
     assert stream[:514] == expected_2026["batch_ids"]
-    assert x.shape == y.shape and batches[0][0][0, :248].tolist() == stream[:248]
+    assert batches[0][0][0, :248].tolist() == stream[:248]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ with an empty buffer: close, not exact. The state here keeps those three (as nan
 can go into its meta json) and adds ``next`` (``[epoch, pq_idx, rg_idx, doc_idx]``: where the next refill reads) and
 ``buffer`` (the documents still waiting, in buffer order, as runs ``[epoch, pq_idx, rg_idx, doc_idx, ...]`` of one
 row group). Documents are tokenized one by one, so re-reading those from the shards restores the buffer exactly,
-and a loader started from the state yields exactly the batches that would have followed.
+and a loader started from the state (with the same shards, tokenizer, B, T, world size, ``tokenizer_batch_size``
+and ``buffer_size``) yields exactly the batches that would have followed.
 """
 from __future__ import annotations
 
