@@ -2,7 +2,12 @@
 
 A checkpoint dir (``<base>/base_checkpoints/d20/``) holds, per saved step:
 ``model_{step:06d}.pt`` (the uncompiled model's state_dict), ``meta_{step:06d}.json`` (indent 2) and
-``optim_{step:06d}_rank{r}.pt`` (a list of optimizer state_dicts, one file per rank).
+``optim_{step:06d}_rank{r}.pt`` (one file per rank).
+
+Two generations, told apart by the model's keys: nanochat d575940 (Dec 2025, ``nanolit.model.GPT``; an optimizer
+file is the list ``[adamw, muon]`` of state dicts) and nanochat 92d63d4 (July 2026, ``nanolit.model2026.GPT2026``;
+an optimizer file is one ``MuonAdamW`` state dict, rank r's shard of it under W ranks, and the meta json also has
+``total_batch_size``, ``model_config.window_pattern`` and ``dataloader_state_dict.epoch``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from nanolit.tokenizer import Tokenizer, get_tokenizer
 
 if TYPE_CHECKING:
     from nanolit.model import GPT
+    from nanolit.model2026 import GPT2026
 
 # §11.3: load_model's source names and the base-dir folders they live in.
 SOURCE_DIRS = {
@@ -34,6 +40,14 @@ SOURCE_DIRS = {
 _DEC2025_KEY = re.compile(
     r"transformer\.wte\.weight|lm_head\.weight|transformer\.h\.\d+\.(attn\.c_(q|k|v|proj)|mlp\.c_(fc|proj))\.weight"
 )
+
+# Every state_dict key of nanochat 92d63d4 (July 2026): the Dec-2025 keys, value embeddings and their gates, the
+# per-layer lambdas, the smear gate and the backout lambda.
+_JUL2026_KEY = re.compile(
+    r"transformer\.wte\.weight|lm_head\.weight|resid_lambdas|x0_lambdas|smear_lambda|backout_lambda|smear_gate\.weight"
+    r"|value_embeds\.\d+\.weight|transformer\.h\.\d+\.(attn\.c_(q|k|v|proj)|attn\.ve_gate|mlp\.c_(fc|proj))\.weight"
+)
+_JUL2026_MARKERS = ("smear_gate.weight", "backout_lambda", "resid_lambdas", "x0_lambdas")
 
 # §14.5: keys that first appear in later nanochat versions, newest first (a Mar-2026 model has all of them).
 _NEWER_ERAS = [
@@ -100,12 +114,15 @@ def load_nanochat_checkpoint(
 def detect_architecture(state_dict: dict) -> str:
     """Which nanochat architecture a state_dict belongs to, by its key set (§14.5).
 
-    ``"dec2025"`` (what nanolit implements: the keys of §1.3 only), ``"jan2026"``, ``"jan2026-ve"``,
-    ``"mar2026"``, or ``"unknown"`` when the keys match none of these.
+    ``"dec2025"`` (nanochat d575940: the keys of §1.3 only), ``"jul2026"`` (nanochat 92d63d4's key set, which
+    ``nanolit.model2026`` implements), ``"jan2026"``, ``"jan2026-ve"``, ``"mar2026"`` (other 2026 key sets), or
+    ``"unknown"`` when the keys match none of these.
     """
     keys = [k.removeprefix("_orig_mod.") for k in state_dict]
     if keys and all(_DEC2025_KEY.fullmatch(k) for k in keys):
         return "dec2025"
+    if all(_JUL2026_KEY.fullmatch(k) for k in keys) and all(m in keys for m in _JUL2026_MARKERS):
+        return "jul2026"
     for marker, era, _ in _NEWER_ERAS:
         if any(k.startswith(marker) for k in keys):
             return era
@@ -115,8 +132,8 @@ def detect_architecture(state_dict: dict) -> str:
 def _architecture_error(ckpt_dir: Path, era: str) -> NanolitError:
     why = {name: text for _, name, text in _NEWER_ERAS}.get(era, "its parameter names are not nanochat's")
     return NanolitError(
-        f"checkpoint in {ckpt_dir} is not the Dec-2025 nanochat architecture ({why}); nanolit implements "
-        "nanochat d575940 (Dec 2025): use a checkpoint trained by nanolit or by nanochat before 2026-01-11"
+        f"checkpoint in {ckpt_dir} is neither the Dec-2025 nor the July-2026 nanochat architecture ({why}); nanolit "
+        "reads nanochat d575940 (Dec 2025) and 92d63d4 (July 2026) checkpoints: use one of those, or one nanolit wrote"
     )
 
 
@@ -134,36 +151,62 @@ def _drop_vocab_padding(state_dict: dict, vocab_size: int) -> dict:
 
 def build_model(
     ckpt_dir: str | os.PathLike, step: int, device: torch.device | str, phase: str = "eval"
-) -> tuple[GPT, dict]:
-    """Load a checkpoint into a fresh GPT, like nanochat's ``build_model`` (§11.3). Returns ``(model, meta)``."""
-    # Imported here so callbacks can use the save/load functions without importing nanolit.model (design.md).
-    from nanolit.model import GPTConfig, build_gpt
+) -> tuple[GPT | GPT2026, dict]:
+    """Load a checkpoint of either generation into a fresh model, like nanochat's ``build_model`` (§11.3).
 
+    Returns ``(model, meta)``: a ``GPT`` for a d575940 checkpoint, a ``GPT2026`` for a 92d63d4 one (told apart by
+    the keys, ``detect_architecture``).
+    """
     if phase not in ("eval", "train"):
         raise NanolitError(f"phase must be 'eval' or 'train', got {phase!r}")
     ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     model_state, _, meta = load_nanochat_checkpoint(ckpt_dir, step, device)
-    # bf16 wte (CUDA runs, §1.9) is upcast off CUDA, where bf16 matmuls are slow or missing.
+    # bf16 embeddings (CUDA runs, §1.9) are upcast off CUDA, where bf16 matmuls are slow or missing.
     if device.type in ("cpu", "mps"):
         model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
     era = detect_architecture(model_state)
-    if era != "dec2025":
+    if era == "dec2025":
+        model = _build_dec2025(ckpt_dir, step, device, model_state, meta)
+    elif era == "jul2026":
+        model = _build_jul2026(ckpt_dir, step, device, model_state, meta)
+    else:
         raise _architecture_error(ckpt_dir, era)
+    model.train(phase == "train")
+    return model, meta
+
+
+def _model_config(ckpt_dir: Path, step: int, meta: dict, config_cls, defaults: dict | None = None):
     try:
-        config = GPTConfig(**meta["model_config"])
+        return config_cls(**{**(defaults or {}), **meta["model_config"]})
     except (KeyError, TypeError) as e:
         raise NanolitError(f"meta_{step:06d}.json in {ckpt_dir} has no usable model_config ({e})") from None
-    model_state = _drop_vocab_padding(model_state, config.vocab_size)
-    model = build_gpt(config, device)
-    # assign=True: parameters take the checkpoint's tensors and dtypes (wte stays bf16 on CUDA, like nanochat).
+
+
+def _load_weights(model, model_state: dict, ckpt_dir: Path):
+    # assign=True: parameters take the checkpoint's tensors and dtypes (bf16 embeddings stay bf16 on CUDA).
     try:
         model.load_state_dict(model_state, strict=True, assign=True)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1].strip()
         raise NanolitError(f"checkpoint in {ckpt_dir} does not fit its model_config: {reason}") from None
-    model.train(phase == "train")
-    return model, meta
+    return model
+
+
+def _build_dec2025(ckpt_dir: Path, step: int, device: torch.device, model_state: dict, meta: dict) -> GPT:
+    # Imported here so callbacks can use the save/load functions without importing the models (design.md).
+    from nanolit.model import GPTConfig, build_gpt
+
+    config = _model_config(ckpt_dir, step, meta, GPTConfig)
+    return _load_weights(build_gpt(config, device), _drop_vocab_padding(model_state, config.vocab_size), ckpt_dir)
+
+
+def _build_jul2026(ckpt_dir: Path, step: int, device: torch.device, model_state: dict, meta: dict) -> GPT2026:
+    from nanolit.model2026 import GPTConfig2026, build_gpt2026
+
+    # nanochat 92d63d4's loader gives a model_config without window_pattern full-context attention ("L")
+    config = _model_config(ckpt_dir, step, meta, GPTConfig2026, {"window_pattern": "L"})
+    return _load_weights(build_gpt2026(config, device), model_state, ckpt_dir)
 
 
 def find_largest_model(checkpoints_dir: str | os.PathLike) -> str:
@@ -215,21 +258,105 @@ def load_model(
 
 
 def load_nanochat(path: str | os.PathLike, step: int | None = None,
-                  device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """``(GPT, meta)`` from a nanochat checkpoint folder; ``step=None`` takes the largest saved step."""
+                  device: torch.device | str = "cpu") -> tuple[GPT | GPT2026, dict]:
+    """``(model, meta)`` from a nanochat checkpoint folder of either generation; ``step=None`` takes the largest."""
     step = find_last_step(path) if step is None else step
     return build_model(path, step, device, phase="eval")
 
 
-def save_nanochat(model: GPT, path: str | os.PathLike, step: int, meta: dict,
-                  optimizers: list | None = None, rank: int = 0) -> None:
-    """Write ``model`` (and optionally its optimizers) in nanochat's layout so nanochat's tools read it.
+def save_nanochat(model: GPT | GPT2026, path: str | os.PathLike, step: int, meta: dict,
+                  optimizers=None, rank: int = 0, world_size: int = 1) -> None:
+    """Write ``model`` (and optionally its optimizer state) in nanochat's layout of the model's generation.
 
     ``meta`` gets the model's ``model_config`` and ``step`` filled in if missing.
+
+    - d575940 (``GPT``): ``optimizers`` is ``[adamw, muon]``; every rank calls this and writes its own file.
+    - 92d63d4 (``GPT2026``): ``optimizers`` is the ``MuonAdamW`` (or a one-element list of it), its ``state_dict()``
+      the single-process layout (a sharded optimizer's, consolidated). Rank 0 writes everything, the optimizer as
+      nanochat's ``world_size`` per-rank files; other ranks write nothing.
     """
     meta = {"step": step, "model_config": model.config.to_dict(), **meta}
-    optim_states = [opt.state_dict() for opt in optimizers] if optimizers is not None else None
-    save_nanochat_checkpoint(path, step, model.state_dict(), optim_states, meta, rank=rank)
+    if not getattr(model.config, "window_pattern", None):
+        optim_states = [opt.state_dict() for opt in optimizers] if optimizers is not None else None
+        save_nanochat_checkpoint(path, step, model.state_dict(), optim_states, meta, rank=rank)
+        return
+    if rank != 0:
+        return
+    if isinstance(optimizers, (list, tuple)):
+        if len(optimizers) != 1:
+            raise NanolitError(f"a 2026 model has one optimizer (MuonAdamW), got {len(optimizers)}")
+        optimizers = optimizers[0]
+    save_nanochat_checkpoint(path, step, model.state_dict(), None, meta, rank=0)
+    if optimizers is not None:
+        write_optimizer_2026(path, step, optimizers.state_dict(), _numels(optimizers), world_size)
+
+
+def _numels(optimizer) -> list[int]:
+    return [p.numel() for group in optimizer.param_groups for p in group["params"]]
+
+
+def write_optimizer_2026(path: str | os.PathLike, step: int, full_state: dict, numels: list[int],
+                         world_size: int = 1) -> None:
+    """nanochat 92d63d4's ``optim_{step}_rank{r}.pt`` for r < ``world_size``: rank r's shard of the single-process
+    ``MuonAdamW`` state (``nanolit.optim2026.rank_state_dict``); each file written atomically."""
+    from nanolit.optim2026 import rank_state_dict
+
+    # nanochat's groups have no "name" (nanolit's LR-logging label; load_state_dict puts it back)
+    full_state = {**full_state, "param_groups": [{k: v for k, v in group.items() if k != "name"}
+                                                 for group in full_state["param_groups"]]}
+    for r in range(world_size):
+        _, _, optim_path = _paths(Path(path), step, r)
+        with atomic_write(optim_path) as tmp:
+            torch.save(rank_state_dict(full_state, numels, r, world_size), tmp)
+
+
+def read_optimizer_2026(path: str | os.PathLike, step: int, numels: list[int],
+                        device: torch.device | str = "cpu") -> dict:
+    """The single-process ``MuonAdamW`` state dict of a 92d63d4 checkpoint, merged from all its per-rank files
+    (whatever world size wrote them), for ``MuonAdamW.load_state_dict`` at any world size."""
+    from nanolit.optim2026 import merge_rank_state_dicts
+
+    path = Path(path)
+    ranks = sorted(int(m.group(1)) for p in path.glob(f"optim_{step:06d}_rank*.pt")
+                   if (m := re.fullmatch(rf"optim_{step:06d}_rank(\d+)\.pt", p.name)))
+    if not ranks or ranks != list(range(len(ranks))):
+        raise NanolitError(f"optimizer files of step {step} in {path} are missing or not ranks 0..W-1 (found ranks "
+                           f"{ranks}); copy every optim_{step:06d}_rank*.pt of the run")
+    parts = [load_tensors(_paths(path, step, r)[2], device) for r in ranks]
+    if not all(isinstance(part, dict) and "param_groups" in part for part in parts):
+        raise NanolitError(f"optim_{step:06d}_rank0.pt in {path} is not a single optimizer state dict (a d575940 "
+                           "checkpoint holds a list [adamw, muon]); load it with the model it was saved with")
+    return merge_rank_state_dicts(parts, numels)
+
+
+def load_optimizer_2026(path: str | os.PathLike, step: int, optimizer) -> None:
+    """Load a 92d63d4 checkpoint's optimizer files into ``optimizer`` (a ``MuonAdamW`` or its sharded form)."""
+    optimizer.load_state_dict(read_optimizer_2026(path, step, _numels(optimizer)))
+
+
+def nanochat_meta_2026(plan, step: int, val_bpb: float | None, dataloader_state: dict, loop_state: dict,
+                       user_config: dict | None = None) -> dict:
+    """nanochat 92d63d4's meta json for a run planned by ``nanolit.recipe2026.plan_2026``, in its key order.
+
+    ``user_config`` adds base_train's other arguments (run, eval_every, ...) to the knobs; ``dataloader_state``
+    is the best-fit loader's (nanochat reads its ``pq_idx``, ``rg_idx`` and ``epoch``; the rest lets nanolit
+    resume exactly); ``loop_state`` holds ``min_val_bpb``, ``smooth_train_loss`` and ``total_training_time``.
+    """
+    from dataclasses import asdict
+
+    knobs = asdict(plan.knobs)
+    knobs.pop("vocab_size")  # from the tokenizer, not an argument of base_train
+    return {
+        "step": step,
+        "val_bpb": val_bpb,
+        "model_config": plan.model_config.to_dict(),
+        "user_config": {**knobs, **(user_config or {})},
+        "device_batch_size": plan.knobs.device_batch_size,
+        "max_seq_len": plan.knobs.max_seq_len,
+        "total_batch_size": plan.total_batch_size,
+        "dataloader_state_dict": dict(dataloader_state),
+        "loop_state": dict(loop_state),
+    }
 
 
 def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:

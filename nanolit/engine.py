@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 import operator
 from collections import deque
@@ -17,16 +18,19 @@ class KVCache:
     """Keys and values of every layer in one tensor ``[L, 2, B, Hkv, T, D]``, allocated on first insert.
 
     The tensor takes k's dtype and device (bf16 under autocast) and grows along T in steps of 1024 when a
-    prompt outruns it (spec §8.1).
+    prompt outruns it (spec §8.1). ``prev_embedding`` ``[B, 1, C]`` is the 2026 GPT's smear state: the last cached
+    token's embedding (None until a 2026 model writes it; the d575940 GPT never does).
     """
 
     def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int):
         self.kv_shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.kv_cache: torch.Tensor | None = None
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.pos = 0
+        self.prev_embedding = None
 
     def get_pos(self) -> int:
         return self.pos
@@ -44,6 +48,8 @@ class KVCache:
         self.kv_cache = torch.empty(self.kv_shape, dtype=dtype, device=device)
         self.kv_cache[:, :, :, :, :other.pos, :] = other.kv_cache[:, :, :, :, :other.pos, :]
         self.pos = other.pos
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(self.kv_shape[2], -1, -1).clone()
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v ``[B, H, T_add, D]`` at the current position; return the cached prefix views."""
@@ -76,6 +82,37 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None, tempera
         return idx.gather(1, torch.multinomial(probs, num_samples=1, generator=rng))
     probs = F.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+def compute_context(model: torch.nn.Module):
+    """The context generation runs the model in: bf16 autocast on CUDA for the d575940 GPT, nothing for a model
+    that casts for itself (``uses_autocast = False``, the 2026 GPT)."""
+    if getattr(model, "uses_autocast", True):
+        return autocast_context(model.get_device())
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def generate_tokens(model: torch.nn.Module, tokens: list[int], max_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, seed: int = 42, use_kv_cache: bool = True) -> Iterator[int]:
+    """Yield ``max_tokens`` ids sampled after the prompt ``tokens`` (batch 1), for any nanolit GPT.
+
+    With a KV cache each step feeds one token, O(T) forwards; without, every step re-runs the whole sequence
+    (nanochat's ``GPT.generate``). Both give the same tokens (spec §1.14).
+    """
+    device = model.get_device()
+    c = model.config
+    rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    cache = KVCache(batch_size=1, num_heads=c.n_kv_head, seq_len=len(tokens) + max_tokens,
+                    head_dim=c.n_embd // c.n_head, num_layers=c.n_layer) if use_kv_cache else None
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    seq = ids
+    with compute_context(model):
+        for _ in range(max_tokens):
+            logits = model.forward(ids if use_kv_cache else seq, kv_cache=cache)[:, -1, :]
+            ids = sample_next_token(logits, rng, temperature, top_k)
+            seq = torch.cat([seq, ids], dim=1)
+            yield ids.item()
 
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -148,7 +185,7 @@ class Engine:
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>")}
         bos = tok.get_bos_token_id()
         head_dim = cfg.n_embd // cfg.n_head
-        with autocast_context(device):
+        with compute_context(model):
             # prefill once at batch 1, then copy into the decode cache of num_samples rows
             prefill = KVCache(1, cfg.n_kv_head, len(tokens), head_dim, cfg.n_layer)
             ids = torch.tensor([tokens], dtype=torch.long, device=device)

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanolit.common import NanolitError, autocast_context
-from nanolit.engine import KVCache, sample_next_token
+from nanolit.common import NanolitError
+from nanolit.engine import KVCache, generate_tokens
 from nanolit.loss import IGNORE_INDEX, softcap_cross_entropy
 
 ROTARY_BASE = 10000  # spec §1.5
@@ -75,17 +75,18 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([y1, y2], dim=-1).to(x.dtype)
 
 
-def precompute_rotary(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [1, seq_len, 1, D/2], computed in fp32 and stored in bf16 as nanochat does."""
-    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+def precompute_rotary(seq_len: int, head_dim: int, device=None, base: float = ROTARY_BASE,
+                      dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [1, seq_len, 1, D/2], computed in fp32 and stored in ``dtype`` (nanochat d575940: bf16)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
     return cos[None, :, None, :], sin[None, :, None, :]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int):
+    def __init__(self, config, layer_idx: int, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         if config.n_embd % config.n_head != 0:
             raise NanolitError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
@@ -95,10 +96,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos_sin, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.size()
@@ -125,10 +126,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """ReLU² MLP of width 4x; ``linear`` is the layer class (the 2026 model passes one that casts its weight)."""
+
+    def __init__(self, config, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -234,24 +237,13 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=loss_reduction)
 
-    @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  seed: int = 42) -> Iterator[int]:
         """Yield ``max_tokens`` sampled ids after the prompt ``tokens``, with a KV cache (batch 1).
 
         Gives the same tokens as nanochat's naive re-run of the whole sequence (spec §1.14), in O(T) forwards.
         """
-        device = self.get_device()
-        c = self.config
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        cache = KVCache(batch_size=1, num_heads=c.n_kv_head, seq_len=len(tokens) + max_tokens,
-                        head_dim=self.head_dim, num_layers=c.n_layer)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        with autocast_context(device):
-            for _ in range(max_tokens):
-                logits = self.forward(ids, kv_cache=cache)[:, -1, :]
-                ids = sample_next_token(logits, rng, temperature, top_k)
-                yield ids.item()
+        return generate_tokens(self, tokens, max_tokens, temperature, top_k, seed)
 
 
 def build_gpt(config: GPTConfig, device: torch.device | str = "cpu", seed: int = 42) -> GPT:

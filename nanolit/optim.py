@@ -165,8 +165,10 @@ def keep_group_keys(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> 
     optimizer.register_load_state_dict_post_hook(refill)
 
 
-def _check_coverage(model: nn.Module, assigned: list[Tensor]) -> None:
-    """Raise unless every model parameter is in exactly one optimizer (nanochat asserts this too, §1.13)."""
+def check_coverage(model: nn.Module, assigned: list[Tensor], expected: str = "transformer.h, transformer.wte "
+                   "and an untied lm_head") -> None:
+    """Raise unless every model parameter is in exactly one optimizer group (nanochat asserts this too, §1.13);
+    ``expected`` names what the model may hold, for the message."""
     counts: dict[int, int] = {}
     for p in assigned:
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -176,8 +178,7 @@ def _check_coverage(model: nn.Module, assigned: list[Tensor]) -> None:
     if missing or twice:
         raise NanolitError(
             f"optimizer split does not cover every parameter once (not covered: {missing or 'none'}; "
-            f"covered twice: {twice or 'none'}); the model may only hold transformer.h, transformer.wte "
-            f"and an untied lm_head"
+            f"covered twice: {twice or 'none'}); the model may only hold {expected}"
         )
 
 
@@ -202,7 +203,7 @@ def build_optimizers(
     matrix_params = list(model.transformer.h.parameters())
     embedding_params = [model.transformer.wte.weight]
     lm_head_params = [model.lm_head.weight]
-    _check_coverage(model, matrix_params + embedding_params + lm_head_params)
+    check_coverage(model, matrix_params + embedding_params + lm_head_params)
 
     n_embd = model.transformer.wte.weight.shape[1]
     dmodel_lr_scale = (n_embd / 768) ** -0.5

@@ -47,7 +47,7 @@ class Tokenizer:
         """Wrap ``enc``; ``token_bytes`` defaults to the true byte length of every token."""
         self.enc = enc
         self._special_ids = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
-        self._token_bytes = _true_token_bytes(enc) if token_bytes is None else token_bytes
+        self._token_bytes = compute_token_bytes(enc, "raw") if token_bytes is None else token_bytes
         if self._token_bytes.shape != (enc.n_vocab,):
             raise NanolitError(
                 f"token_bytes has shape {tuple(self._token_bytes.shape)} but the vocab has {enc.n_vocab} tokens; "
@@ -76,12 +76,16 @@ class Tokenizer:
         return cls(enc)
 
     @classmethod
-    def from_directory(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load ``tokenizer.pkl`` through a restricted unpickler, and ``token_bytes.pt`` as saved when present.
+    def from_directory(cls, path: str | os.PathLike, token_bytes_rule: str = "saved") -> "Tokenizer":
+        """Load ``tokenizer.pkl`` through a restricted unpickler, and the ``token_bytes`` table by ``token_bytes_rule``:
 
-        The saved table is used as is (nanochat's has the §9.4 str round-trip caveat) so bpb stays comparable
-        with the run that wrote it; a folder without one gets the true byte lengths.
+        - ``"saved"``: ``token_bytes.pt`` as saved when present (nanochat's has the §9.4 str round-trip caveat), so
+          bpb stays comparable with the run that wrote it; a folder without one gets the raw byte lengths;
+        - ``"raw"``: each token's raw bytes, whatever was saved (nanochat 92d63d4's rule: the 2026 recipe's bpb);
+        - ``"str"``: nanochat d575940's rule, through the decoded string (bytes that are not UTF-8 alone count 3).
         """
+        if token_bytes_rule not in ("saved", *TOKEN_BYTES_RULES):
+            raise NanolitError(f"token_bytes_rule {token_bytes_rule!r} is unknown; use saved, raw or str")
         path = Path(path)
         pkl = path / PICKLE_NAME
         if not pkl.is_file():
@@ -90,6 +94,8 @@ class Tokenizer:
                 "or point --data.base_dir at a nanochat base dir that has tokenizer/"
             )
         enc = _load_encoding(pkl)
+        if token_bytes_rule != "saved":
+            return cls(enc, compute_token_bytes(enc, token_bytes_rule))
         token_bytes = None
         if (path / TOKEN_BYTES_NAME).is_file():
             token_bytes = load_tensors(path / TOKEN_BYTES_NAME)
@@ -165,11 +171,27 @@ class Tokenizer:
         return self.encode_special(token) if isinstance(token, str) else token
 
 
-def _true_token_bytes(enc: tiktoken.Encoding) -> torch.Tensor:
-    """Exact byte length of every token, 0 for specials: nanolit's fix of the §9.4 str round-trip caveat."""
+TOKEN_BYTES_RULES = ("raw", "str")
+
+
+def compute_token_bytes(enc: tiktoken.Encoding, rule: str = "raw") -> torch.Tensor:
+    """int32 [V]: the bytes each token id stands for, 0 for special tokens (the bpb denominator).
+
+    ``"raw"``: the token's raw bytes (nanochat 92d63d4 scripts/tok_train.py, and what nanolit always computed).
+    ``"str"``: the UTF-8 length of the token decoded alone (nanochat d575940): a token that is not valid UTF-8 by
+    itself (a lone byte >= 0x80, part of a multi-byte character) decodes to U+FFFD and counts 3 bytes per
+    replacement, so such tokens are over-counted (§9.4).
+    """
+    if rule not in TOKEN_BYTES_RULES:
+        raise NanolitError(f"token_bytes rule {rule!r} is unknown; use one of {', '.join(TOKEN_BYTES_RULES)}")
     special_ids = {enc.encode_single_token(name) for name in enc.special_tokens_set}
-    lengths = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
-    return torch.tensor(lengths, dtype=torch.int32)
+
+    def length(i: int) -> int:
+        if rule == "raw":
+            return len(enc.decode_single_token_bytes(i))
+        return len(enc.decode([i]).encode("utf-8"))
+
+    return torch.tensor([0 if i in special_ids else length(i) for i in range(enc.n_vocab)], dtype=torch.int32)
 
 
 class _EncodingState:

@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NANOLIT_SHARED", ROOT.parent / "shared"))
 FIXTURE_D2 = SHARED / "fixtures" / "nanochat_d2"
+FIXTURE_2026 = SHARED / "fixtures" / "nanochat_2026_d2"
 EVAL_BUNDLE = SHARED / "data" / "eval_bundle"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -42,6 +43,19 @@ def expected_d2(nanochat_d2) -> dict:
 
 
 @pytest.fixture(scope="session")
+def nanochat_2026() -> Path:
+    """nanochat 92d63d4's d2 run (model/meta/optim at step 50, tokenizer/, all five base_data shards, expected.json)."""
+    if not (FIXTURE_2026 / "expected.json").exists():
+        pytest.skip(f"nanochat 2026 fixture not found at {FIXTURE_2026} (set NANOLIT_SHARED)")
+    return FIXTURE_2026
+
+
+@pytest.fixture(scope="session")
+def expected_2026(nanochat_2026) -> dict:
+    return json.loads((nanochat_2026 / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
 def eval_bundle() -> Path:
     """The real CORE eval bundle (18 of 22 tasks)."""
     if not (EVAL_BUNDLE / "core.yaml").exists():
@@ -65,6 +79,13 @@ def make_base_dir(root: Path, tokenizer_dir: Path, num_docs: int = 400, chars_pe
     write_shards_from_text([corpus], base / "base_data", chars_per_shard=chars_per_shard, row_group_size=64,
                            val_fraction=0.1)
     return base
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two optimizer ``state`` dicts hold the same keys, equal tensors and equal other values."""
+    if a.keys() != b.keys() or any(a[i].keys() != b[i].keys() for i in a):
+        return False
+    return all(torch.equal(v, a[i][k]) if torch.is_tensor(v) else v == a[i][k] for i in b for k, v in b[i].items())
 
 
 def write_word_shards(root: Path, num_docs: int, max_words: int, chars_per_shard: int, seed: int) -> list[Path]:

@@ -96,3 +96,15 @@ def test_loss_head_benchmark_compares_variants(tmp_path):
     assert chunked["loss"] == pytest.approx(base["loss"], rel=1e-5)
     assert chunked["memory_ratio"] == pytest.approx(chunked["peak_growth_mib"] / base["peak_growth_mib"])
     assert base["peak_growth_mib"] > chunked["peak_growth_mib"] > 0  # 128 x 8192 fp32 logits: 4 MiB a copy
+
+
+@pytest.mark.slow
+def test_attention_benchmark_runs_both_paths(tmp_path):
+    out = tmp_path / "attention.json"
+    run_script("attention.py", "--threads", "1", "--steps", "1", "--rounds", "2", "--shapes", "1,1,64,16,16",
+               "--depth", "1", "--seq-len", "256", "--batch", "1", "--json", str(out))
+    op, model = json.loads(out.read_text())
+    for case in (op, model):
+        assert case["ratio"] == pytest.approx(case["flex_ms"] / case["sdpa_ms"])
+        assert case["max_abs_diff"] < 1e-5  # the same attention by both paths
+    assert op["train_sdpa_ms"] > 0 and "train_sdpa_ms" not in model

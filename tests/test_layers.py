@@ -6,7 +6,9 @@ import sys
 
 PLAIN = ["common", "model", "loss", "optim", "schedules", "tokenizer", "checkpoint", "engine", "eval.bpb", "eval.core",
          "sharded", "data.corpus", "data.shards", "data.loader", "data.chat", "data.tasks",
-         "sample", "chat_cli", "eval.base_loss", "hf", "eval.chat", "eval.execution", "data.sft"]
+         "sample", "chat_cli", "eval.base_loss", "hf", "eval.chat", "eval.execution", "data.sft",
+         # the 2026 recipe's plain-torch half
+         "model2026", "attention", "optim2026", "sharded2026", "recipe2026", "data.bestfit", "data.offline_chat"]
 
 # In a fresh interpreter: import the modules one by one and record what each brought in, so the first module
 # that pulls in a forbidden package is the one named.

@@ -221,3 +221,27 @@ def test_evaluate_compression(fixture_tok):
     assert stats == {"bytes": n_bytes, "tokens": n_tokens, "ratio": n_bytes / n_tokens}
     with pytest.raises(NanolitError):
         evaluate_compression(fixture_tok, [""])
+
+
+def test_token_bytes_rules_give_both_generations_tables(nanochat_d2, nanochat_2026):
+    """The same tokenizer.pkl: nanochat d575940's saved table is the "str" rule, 92d63d4's the "raw" rule."""
+    old = torch.load(nanochat_d2 / "tokenizer" / "token_bytes.pt", weights_only=True)
+    new = torch.load(nanochat_2026 / "tokenizer" / "token_bytes.pt", weights_only=True)
+    raw = Tokenizer.from_directory(nanochat_d2 / "tokenizer", token_bytes_rule="raw").token_bytes()
+    via_str = Tokenizer.from_directory(nanochat_2026 / "tokenizer", token_bytes_rule="str").token_bytes()
+    assert torch.equal(raw, new) and torch.equal(via_str, old)
+    assert (raw != via_str).sum() == 132 and raw[128] == 1 and via_str[128] == 3
+    assert torch.equal(Tokenizer.from_directory(nanochat_d2 / "tokenizer").token_bytes(), old)  # "saved" is as before
+    with pytest.raises(NanolitError, match="token_bytes_rule"):
+        Tokenizer.from_directory(nanochat_d2 / "tokenizer", token_bytes_rule="utf8")
+
+
+def test_val_bytes_under_each_rule(nanochat_2026, expected_2026):
+    """expected.json counts the target bytes of the 32 best-fit val batches under both rules."""
+    from nanolit.data.bestfit import bestfit_val_batches
+
+    batches = bestfit_val_batches([nanochat_2026 / "base_data" / "shard_00004.parquet"],
+                                  Tokenizer.from_directory(nanochat_2026 / "tokenizer"), 4, 256, 32768)
+    for rule, key in (("raw", "head_token_bytes"), ("str", "d575940_token_bytes")):
+        table = Tokenizer.from_directory(nanochat_2026 / "tokenizer", token_bytes_rule=rule).token_bytes()
+        assert sum(int(table[y].sum()) for _, y in batches) == expected_2026["val_bytes"][key]

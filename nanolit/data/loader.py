@@ -62,11 +62,16 @@ def resume_state_for_rank(saved: list[dict], rank: int, world_size: int) -> tupl
     """
     if len(saved) == world_size and all(set(STATE_KEYS) <= set(s) for s in saved):
         return dict(saved[rank]), True
-    first = saved[0]
+    epoch, pq_idx, rg_idx = approximate_start(saved[0], rank, world_size)
+    return {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "doc_idx": 0, "token_idx": 0}, False
+
+
+def approximate_start(first: dict, rank: int, world_size: int) -> tuple[int, int, int]:
+    """``(epoch, pq_idx, rg_idx)`` where nanochat resumes this rank from rank 0's saved ``{pq_idx, rg_idx[, epoch]}``:
+    the first row group of the next full stride, ``(rg_idx // W + 1) * W + rank`` (a start past the file's last row
+    group moves on to the next file)."""
     stride = first["rg_idx"] // world_size + 1
-    state = {"epoch": first.get("epoch", 1), "pq_idx": first["pq_idx"], "rg_idx": stride * world_size + rank,
-             "doc_idx": 0, "token_idx": 0}
-    return state, False
+    return first.get("epoch", 1), first["pq_idx"], stride * world_size + rank
 
 
 def _as_position(state: dict | None, rank: int) -> Position:
@@ -171,41 +176,20 @@ def _token_steps(
         yield rows, dict(zip(STATE_KEYS, buffer.position() or after_last_chunk))
 
 
-class TrainTokenStream:
-    """Iterator of optimizer steps ``(tokens [A, B, T+1] int64, state)`` for one rank, tokenized in the background.
+class PrefetchedSteps:
+    """Iterator of optimizer steps ``(tokens [A, B, T+1] int64, state)`` made by ``steps`` in a background thread.
 
-    Micro-batch ``a`` holds ``B*T + 1`` consecutive stream tokens laid out as overlapping rows,
-    ``tokens[a, b] = stream[b*T : b*T + T + 1]``, so ``x, y = tokens[a, :, :-1], tokens[a, :, 1:]`` are exactly
-    nanochat's inputs and targets. ``state`` (a dict of ints, safe for ``weights_only`` loading) passed back as
-    ``resume_state`` makes a new stream continue with the step after this one.
-
-    A daemon thread tokenizes up to ``prefetch_steps`` steps ahead so the model never waits on the tokenizer; it
+    A daemon thread runs ``steps`` up to ``prefetch_steps`` steps ahead so the model never waits on the tokenizer; it
     starts at the first ``next()``, stops on :meth:`close` or garbage collection, and its errors re-raise here.
     """
 
-    def __init__(
-        self,
-        files: list[Path],
-        tokenizer,
-        B: int,
-        T: int,
-        grad_accum_steps: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-        resume_state: dict | None = None,
-        tokenizer_threads: int = 4,
-        tokenizer_batch_size: int = 128,
-        prefetch_steps: int = 2,
-        pin_memory: bool = False,
-    ):
-        self._steps = _token_steps(files, tokenizer, B, T, grad_accum_steps, rank, world_size, resume_state,
-                                   tokenizer_threads, tokenizer_batch_size)
-        self._T, self._pin_memory = T, pin_memory
+    def __init__(self, steps: Iterator[tuple[torch.Tensor, dict]], prefetch_steps: int = 2, pin_memory: bool = False):
+        self._steps, self._pin_memory = steps, pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch_steps)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __iter__(self) -> "TrainTokenStream":
+    def __iter__(self) -> "PrefetchedSteps":
         return self
 
     def __next__(self) -> tuple[torch.Tensor, dict]:
@@ -214,7 +198,7 @@ class TrainTokenStream:
         if self._thread is None:
             # The thread holds no reference to self, so dropping the stream lets __del__ stop it.
             self._thread = threading.Thread(
-                target=_produce, args=(self._steps, self._T, self._pin_memory, self._queue, self._stop),
+                target=_produce, args=(self._steps, self._pin_memory, self._queue, self._stop),
                 name="nanolit-tokenizer", daemon=True,
             )
             self._thread.start()
@@ -235,7 +219,42 @@ class TrainTokenStream:
         self._stop.set()
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_stop"):  # a subclass may raise before calling __init__
+            self.close()
+
+
+def _overlapping_rows(steps: Iterator[tuple[np.ndarray, dict]], T: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    for rows, state in steps:
+        yield torch.from_numpy(rows).unfold(1, T + 1, T).contiguous(), state  # [A, B, T+1], overlapping by 1 token
+
+
+class TrainTokenStream(PrefetchedSteps):
+    """Iterator of optimizer steps ``(tokens [A, B, T+1] int64, state)`` for one rank, tokenized in the background.
+
+    Micro-batch ``a`` holds ``B*T + 1`` consecutive stream tokens laid out as overlapping rows,
+    ``tokens[a, b] = stream[b*T : b*T + T + 1]``, so ``x, y = tokens[a, :, :-1], tokens[a, :, 1:]`` are exactly
+    nanochat's inputs and targets. ``state`` (a dict of ints, safe for ``weights_only`` loading) passed back as
+    ``resume_state`` makes a new stream continue with the step after this one. See :class:`PrefetchedSteps`.
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        tokenizer,
+        B: int,
+        T: int,
+        grad_accum_steps: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        resume_state: dict | None = None,
+        tokenizer_threads: int = 4,
+        tokenizer_batch_size: int = 128,
+        prefetch_steps: int = 2,
+        pin_memory: bool = False,
+    ):
+        steps = _token_steps(files, tokenizer, B, T, grad_accum_steps, rank, world_size, resume_state,
+                             tokenizer_threads, tokenizer_batch_size)
+        super().__init__(_overlapping_rows(steps, T), prefetch_steps, pin_memory)
 
 
 # Tokenizer threads still running, with their stop events. A daemon thread killed inside pyarrow or tiktoken at
@@ -251,13 +270,12 @@ def _stop_running_threads() -> None:
         thread.join(timeout=30)
 
 
-def _produce(steps, T: int, pin_memory: bool, out: queue.Queue, stop: threading.Event) -> None:
-    """Thread body: turn stream rows into step tensors and queue them, or queue the exception that stopped it."""
+def _produce(steps, pin_memory: bool, out: queue.Queue, stop: threading.Event) -> None:
+    """Thread body: queue the steps, or the exception that stopped them."""
     entry = (stop, threading.current_thread())
     _RUNNING.add(entry)
     try:
-        for rows, state in steps:
-            tokens = torch.from_numpy(rows).unfold(1, T + 1, T).contiguous()  # [A, B, T+1], overlapping by 1 token
+        for tokens, state in steps:
             if pin_memory:
                 tokens = tokens.pin_memory()
             if not _put(out, (tokens, state), stop):

@@ -21,6 +21,11 @@ from nanolit.common import NanolitError, atomic_write, download_file
 # §10.1: karpathy/fineweb-edu-100b-shuffle on the Hugging Face hub, shards 0..1822.
 DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822
+DATA_DIR = "base_data"
+# The 2026 recipe's corpus (nanochat 92d63d4 nanochat/dataset.py): ClimbMix-400B, shards 0..6542, in its own folder.
+CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+CLIMBMIX_MAX_SHARD = 6542
+CLIMBMIX_DIR = "base_data_climbmix"
 TEXT_FORMATS = (".txt", ".jsonl", ".parquet")
 
 
@@ -35,6 +40,13 @@ def list_parquet_files(data_dir: str | os.PathLike) -> list[Path]:
     if not data_dir.is_dir():
         return []
     return sorted(p for p in data_dir.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+
+
+def data_dir_2026(base_dir: str | os.PathLike) -> Path:
+    """The 2026 recipe's shard folder: ``<base>/base_data_climbmix``, else the FineWeb-Edu ``<base>/base_data``
+    (nanochat 92d63d4 falls back the same way, with a warning to download ClimbMix and retrain the tokenizer)."""
+    base = Path(base_dir)
+    return base / CLIMBMIX_DIR if (base / CLIMBMIX_DIR).is_dir() else base / DATA_DIR
 
 
 def train_val_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -114,18 +126,20 @@ def download_shards(
     attempts: int = 5,
     backoff: float = 1.0,
     on_done: Callable[[Path], None] | None = None,
+    max_shard: int = MAX_SHARD,
 ) -> list[Path]:
-    """Download shards ``0..num_shards-1`` (``-1``: all 1823) into ``data_dir`` in parallel; returns their paths.
+    """Download shards ``0..num_shards-1`` (``-1``: all ``max_shard + 1``) into ``data_dir`` in parallel; returns their
+    paths. ClimbMix (the 2026 corpus): ``base_url=CLIMBMIX_URL, max_shard=CLIMBMIX_MAX_SHARD``.
 
     Like ``nanochat.dataset`` (§10.1): files already present are skipped, each download goes to a temporary file
     renamed on success, and a failed one is retried up to ``attempts`` times, waiting ``backoff * 2**attempt`` s
     between tries. ``on_done(path)`` is called as each shard becomes available (for progress display).
     """
     if num_shards == -1:
-        num_shards = MAX_SHARD + 1
+        num_shards = max_shard + 1
     if num_shards < 1:
         raise NanolitError(f"-n {num_shards} asks for no shards; pass a count >= 1 (2 or more to train), or -1 for all")
-    num_shards = min(num_shards, MAX_SHARD + 1)
+    num_shards = min(num_shards, max_shard + 1)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
 
