@@ -38,7 +38,12 @@ def main(args: list[str] | None = None) -> None:
         else:
             run_lightning_cli(None if args is None else argv)
     except argparse.ArgumentError as e:  # a flag or config the parser refused (`nanolit fit` raises these)
-        print(f"nanolit: error: {parse_error_line(str(e))}; `nanolit fit --help` lists every knob", file=sys.stderr)
+        if re.search(r"arguments are required: \w+\.model\b", str(e)):
+            message = ("no model: pass a config that names one, e.g. -c configs/quickstart.yaml (base), "
+                       "configs/quickstart2026.yaml (the 2026 recipe) or configs/mid.yaml")
+        else:
+            message = f"{parse_error_line(str(e))}; `nanolit fit --help` lists every knob"
+        print(f"nanolit: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as e:
         error = user_error(e)

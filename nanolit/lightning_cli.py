@@ -74,8 +74,10 @@ class NanoCLI(LightningCLI):
             parser.link_arguments(f"model.init_args.{knob}", f"data.init_args.{knob}")
         parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size,
                               apply_on="instantiate")
+        # No default model class: jsonargparse carries a default class's knob values over to another class given
+        # later when the names match, so a 2026 config would silently inherit GPTModule's warmdown_ratio,
+        # weight_decay and LRs. Every config names its class (`nanolit fit -c configs/...`).
         parser.set_defaults({
-            "model": {"class_path": "nanolit.module.GPTModule"},
             "data": {"class_path": "nanolit.data.datamodule.BaseDataModule"},
             "trainer.precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
             "trainer.default_root_dir": DEFAULT_ROOT,
@@ -107,8 +109,10 @@ class NanoCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI loads a ckpt_path file here to read its hyperparameters, with torch's safe loader: a file that
-        # is missing, truncated or refused by that loader gets one line instead of torch's traceback.
+        # LightningCLI would load a ckpt_path file here and let its saved hyperparameters override the command line
+        # (for a file path, not for `last`). nanolit keeps the run's knobs where the user gives them, the same for
+        # both spellings, and checks the checkpoint against them when it loads (one line for another depth or vocab).
+        # The file itself is checked now: missing, truncated or refused by torch's safe loader gets one line.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry"):
@@ -116,7 +120,6 @@ class NanoCLI(LightningCLI):
                 raise NanolitError(f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint file, or `last` for "
                                    "the newest one in the run's checkpoints folder")
             load_tensors(ckpt_path, mmap=True)
-        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         source = self._get(self.config_init, "resume_from_nanochat")

@@ -33,13 +33,13 @@ from nanolit.data.loader import check_batch_knobs
 from nanolit.data.mid import inputs_and_targets
 from nanolit.lightning_adapter import set_max_steps
 from nanolit.model import GPT
-from nanolit.module import TrainingCore, check_loss_chunk_size
+from nanolit.module import Dec2025Stage, TrainingCore, check_loss_chunk_size
 from nanolit.schedules import mid_lr_multiplier
 
 DTYPES = ("bfloat16", "float32")
 
 
-class MidStage:
+class MidStage(Dec2025Stage):
     """Mid-training's part: the base model to start from, the data-progress LR, the epoch-end stop, the export."""
 
     optimizer_files_on_every_rank = False  # mid_train saves rank 0's optimizer file alone

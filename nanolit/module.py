@@ -121,7 +121,7 @@ class TrainingCore(L.LightningModule):
         hp = self.hparams
         self.run_state = RunState.of(self.trainer)
         gpt = self.model()
-        self.grad_accum_steps = grad_accum_steps(hp.total_batch_size, hp.device_batch_size, hp.max_seq_len,
+        self.grad_accum_steps = grad_accum_steps(self.tokens_per_step, hp.device_batch_size, hp.max_seq_len,
                                                  self.trainer.world_size)
         self.stage.setup(self)
         self.gpt = gpt  # registered last: a model that failed a check must not reach teardown
@@ -146,22 +146,13 @@ class TrainingCore(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
-        hp = self.hparams
-        build = build_optimizers
-        if hp.shard_optimizer:
-            from nanolit.sharded import build_sharded_optimizers
+        if self.hparams.shard_optimizer:
             from nanolit.strategies import NoWrapDDPStrategy
 
             if self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, NoWrapDDPStrategy):
                 raise NanolitError("shard_optimizer averages gradients itself; run it with "
                                    "--trainer.strategy=ddp_nowrap (a DDP wrapper would all-reduce them twice)")
-            build = build_sharded_optimizers
-        optimizers = build(self.gpt, unembedding_lr=hp.unembedding_lr, embedding_lr=hp.embedding_lr,
-                           matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] = group["lr"] * hp.init_lr_frac
-        return optimizers
+        return self.stage.configure_optimizers(self)
 
     # ------------------------------------------------------------------------------------- training
     def loss_per_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -194,7 +185,8 @@ class TrainingCore(L.LightningModule):
         return self.stage.on_train_batch_start(self, batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
-        adamw, muon = self.optimizers()
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         step = self.global_step  # optimizer steps completed before this one == nanochat's `step`
         if batch.dim() != 3 or batch.size(0) != self.grad_accum_steps:
             raise NanolitError(f"expected a step batch of shape [grad_accum={self.grad_accum_steps}, B, T+1], "
@@ -216,27 +208,24 @@ class TrainingCore(L.LightningModule):
         self.run_state.watch_loss(mean_loss, step)
 
         grad_norm = None
-        if self.hparams.grad_clip > 0:
-            # one norm over Muon's and AdamW's parameters together, as nanochat does
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), self.hparams.grad_clip)
+        clip = self.stage.grad_clip(self)
+        if clip > 0:
+            # one norm over every parameter (Muon's and AdamW's together), as nanochat does
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), clip)
         lrm = self.stage.lr_multiplier(self, step)
-        for opt in (adamw.optimizer, muon.optimizer):
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        momentum = muon_momentum(step)
-        for group in muon.optimizer.param_groups:
-            group["momentum"] = momentum
-        # Only the AdamW step goes through Lightning, so global_step counts 1 per training_step; two
+        scheduled = self.stage.apply_schedule(self, step, lrm, [opt.optimizer for opt in optimizers])
+        # Only the first optimizer steps through Lightning, so global_step counts 1 per training_step; two
         # LightningOptimizer steps would count 2 (Lightning issue #17958).
-        adamw.step()
-        muon.optimizer.step()
+        optimizers[0].step()
+        for opt in optimizers[1:]:
+            opt.optimizer.step()
         self.gpt.zero_grad(set_to_none=True)
         # Only on logging steps and straight to the loggers: self.log costs ~0.5 ms a value, and reading the grad
         # norm stops the host until the GPU is done, so it happens after the whole step is queued.
         if is_logging_step(self.trainer, step):
             self.run_state.lrm = lrm
             self.run_state.grad_norm = grad_norm.item() if grad_norm is not None else None
-            metrics = {"train/lrm": lrm, "train/muon_momentum": momentum}
+            metrics = {"train/lrm": lrm, **{f"train/{k}": v for k, v in scheduled.items()}}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = self.run_state.grad_norm
             log_to_loggers(self.trainer, metrics, step=step)
@@ -254,19 +243,21 @@ class TrainingCore(L.LightningModule):
         """Write ``model_/meta_/optim_`` files in nanochat's layout for this stage; collective, call on all ranks.
 
         Sharded optimizers gather the full single-process layout on rank 0 first (it then loads at any world size).
-        Unsharded, base training writes every rank's optimizer file, as nanochat's base_train does; mid-training
-        writes rank 0's alone, as its mid_train does.
+        Which ranks write an optimizer file is the stage's rule (its ``optimizer_files_on_every_rank``): nanochat's
+        d575940 base_train writes one per rank, its mid_train rank 0's alone; for 92d63d4 rank 0 writes nanochat's
+        per-rank files itself, from the consolidated state.
         """
         optimizers = [getattr(opt, "optimizer", opt) for opt in self.trainer.optimizers]
         sharded = any(hasattr(opt, "consolidate_state_dict") for opt in optimizers)
         if sharded:
             for opt in optimizers:
                 opt.consolidate_state_dict()
-        rank = self.trainer.global_rank
+        rank, world = self.trainer.global_rank, self.trainer.world_size
         every_rank = self.stage.optimizer_files_on_every_rank and not sharded
         if rank == 0 or every_rank:
             meta = {**self.stage.export_meta(self), "nanolit_run": self.run_id()} if rank == 0 else {}
-            save_nanochat(self.gpt, ckpt_dir, self.global_step, meta, optimizers, rank=rank)
+            save_nanochat(self.gpt, ckpt_dir, self.global_step, meta, optimizers, rank=rank,
+                          world_size=1 if every_rank else world)
         self.trainer.strategy.barrier("export_nanochat")
         if self.trainer.is_global_zero:
             rank_zero_info(f"exported the final model in nanochat's format to {ckpt_dir}")
@@ -292,13 +283,13 @@ class TrainingCore(L.LightningModule):
             "FLOPs per token": f"{self.flops_per_token:e}",
             "world size": f"{world} ({self.trainer.num_nodes} node{'s' if self.trainer.num_nodes != 1 else ''})",
             "batch": f"{hp.device_batch_size} x {hp.max_seq_len} tokens per device x {self.grad_accum_steps} "
-                     f"accumulation x {world} device{'s' if world != 1 else ''} = {hp.total_batch_size:,} tokens/step",
+                     f"accumulation x {world} device{'s' if world != 1 else ''} = {self.tokens_per_step:,} tokens/step",
             **self.stage.plan(self),
-            "grad clip": f"{hp.grad_clip:g}" if hp.grad_clip > 0 else "off",
+            "grad clip": f"{self.stage.grad_clip(self):g}" if self.stage.grad_clip(self) > 0 else "off",
             "precision": str(self.trainer.precision),
             **self.loss_head_plan(),
-            **{f"lr {type(opt).__name__}/{group['name']}": f"{group['initial_lr']:.6g}"
-               for opt in self.trainer.optimizers for group in opt.param_groups},
+            **{f"lr {type(opt).__name__}/{group.get('name', group.get('kind', i))}": f"{group['initial_lr']:.6g}"
+               for opt in self.trainer.optimizers for i, group in enumerate(opt.param_groups)},
         }
         target = self.stage.export_dir(self)
         plan["export"] = str(target) if target is not None else "off"
@@ -327,7 +318,40 @@ class TrainingCore(L.LightningModule):
         print_plan(plan)
 
 
-class BaseStage:
+class Dec2025Stage:
+    """What every stage of nanochat d575940 shares: AdamW for the embedding and the unembedding, Muon for the
+    matrices (``init_lr_frac`` scales both), the Muon momentum ramp, and the ``grad_clip`` knob."""
+
+    def configure_optimizers(self, core: TrainingCore) -> list:
+        hp = core.hparams
+        build = build_optimizers
+        if hp.shard_optimizer:
+            from nanolit.sharded import build_sharded_optimizers
+
+            build = build_sharded_optimizers
+        optimizers = build(core.gpt, unembedding_lr=hp.unembedding_lr, embedding_lr=hp.embedding_lr,
+                           matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = group["lr"] * hp.init_lr_frac
+        return optimizers
+
+    def apply_schedule(self, core: TrainingCore, step: int, lrm: float, optimizers: list) -> dict[str, float]:
+        """This step's LR on every group and Muon momentum on Muon's; returns what to log."""
+        adamw, muon = optimizers
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        momentum = muon_momentum(step)
+        for group in muon.param_groups:
+            group["momentum"] = momentum
+        return {"muon_momentum": momentum}
+
+    def grad_clip(self, core: TrainingCore) -> float:
+        return core.hparams.grad_clip
+
+
+class BaseStage(Dec2025Stage):
     """Base training: a fresh GPT from ``depth``, nanochat's horizon rule and LR schedule, and the export to
     ``<base_dir>/base_checkpoints/<model_tag or d{depth}>/``."""
 

@@ -20,6 +20,7 @@ model config: pass the ones the nanochat run used, or the LR schedule is not the
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ import lightning.pytorch as L
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from nanolit.checkpoint import detect_architecture, find_last_step, load_nanochat_checkpoint
-from nanolit.common import NanolitError
+from nanolit.checkpoint import detect_architecture, find_last_step, load_nanochat_checkpoint, read_optimizer_2026
+from nanolit.common import NanolitError, load_tensors
 from nanolit.lightning_adapter import fit_loop_state_at
+from nanolit.model2026 import GPT2026
+from nanolit.optim2026 import build_muon_adamw
 from nanolit.runstate import RunState
 
 _STEP_FILE = re.compile(r"(?:model|meta|optim)_(\d{6})(?:_rank\d+)?\.(?:pt|json)")
@@ -62,10 +65,10 @@ def resume_from_nanochat(trainer: L.Trainer, source: str | Path, ckpt_path: str 
     if ckpt_path == "last" and _last_checkpoint_exists(trainer):
         return "last"
     ckpt_dir, step = locate_nanochat_step(source)
-    if (ckpt_dir / f"optim_{step:06d}_rank1.pt").exists():
+    if (ckpt_dir / f"optim_{step:06d}_rank1.pt").exists() and not _is_2026(ckpt_dir, step):
         raise NanolitError(f"step {step} in {ckpt_dir} was saved by several ranks, whose optimizer files are shards "
-                           "of nanochat's DistAdamW/DistMuon; nanolit resumes single-process nanochat checkpoints "
-                           "(one optim_<step>_rank0.pt)")
+                           "of nanochat's DistAdamW/DistMuon; nanolit resumes single-process nanochat d575940 "
+                           "checkpoints (one optim_<step>_rank0.pt; 92d63d4's per-rank files are merged)")
     for name in (f"model_{step:06d}.pt", f"meta_{step:06d}.json", f"optim_{step:06d}_rank0.pt"):
         if not (ckpt_dir / name).is_file():
             raise NanolitError(f"{ckpt_dir / name} is missing; resuming needs the model, meta and optimizer files "
@@ -73,6 +76,15 @@ def resume_from_nanochat(trainer: L.Trainer, source: str | Path, ckpt_path: str 
     marker = ckpt_dir / f"meta_{step:06d}.json"
     trainer.strategy.checkpoint_io = NanochatCheckpointIO(trainer.strategy.checkpoint_io, trainer, marker, step)
     return str(marker)
+
+
+def _is_2026(ckpt_dir: Path, step: int) -> bool:
+    """nanochat 92d63d4 writes ``total_batch_size`` and ``model_config.window_pattern`` in its meta."""
+    try:
+        meta = json.loads((ckpt_dir / f"meta_{step:06d}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "window_pattern" in meta.get("model_config", {})
 
 
 def _last_checkpoint_exists(trainer: L.Trainer) -> bool:
@@ -107,15 +119,23 @@ def nanochat_to_lightning(ckpt_dir: str | Path, step: int, trainer: L.Trainer) -
     Needs the trainer's module (a ``GPTModule``, set up), callbacks and DataModule: their state layouts are the
     target.
     """
-    model_state, optim_states, meta = load_nanochat_checkpoint(ckpt_dir, step, "cpu", load_optimizer=True)
+    module = trainer.lightning_module
+    model_state, _, meta = load_nanochat_checkpoint(ckpt_dir, step, "cpu")
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # a compiled model's keys
     era = detect_architecture(model_state)
-    if era != "dec2025":
-        raise NanolitError(f"{ckpt_dir} step {step} is nanochat's '{era}' architecture; nanolit continues runs of "
-                           "nanochat d575940 (Dec 2025) only")
-    _check_shapes(trainer.lightning_module, meta.get("model_config", {}), ckpt_dir)
-    if not isinstance(optim_states, list) or len(optim_states) != 2:  # loaded before configure_optimizers runs
-        raise NanolitError(f"optim_{step:06d}_rank0.pt in {ckpt_dir} holds no [adamw, muon] pair of state dicts")
+    ours = "jul2026" if isinstance(module.gpt, GPT2026) else "dec2025"
+    if era != ours:
+        raise NanolitError(f"{ckpt_dir} step {step} is nanochat's '{era}' architecture and this run trains "
+                           f"'{ours}'; continue it with the matching module (GPTModule for dec2025, "
+                           "nanolit.module2026.GPT2026Module for jul2026)")
+    _check_shapes(module, meta.get("model_config", {}), ckpt_dir)
+    if era == "jul2026":  # one MuonAdamW state, merged from nanochat's per-rank files
+        numels = [p.numel() for group in build_muon_adamw(module.gpt).param_groups for p in group["params"]]
+        optim_states = [read_optimizer_2026(ckpt_dir, step, numels)]
+    else:
+        optim_states = load_tensors(ckpt_dir / f"optim_{step:06d}_rank0.pt")
+        if not isinstance(optim_states, list) or len(optim_states) != 2:  # loaded before configure_optimizers
+            raise NanolitError(f"optim_{step:06d}_rank0.pt in {ckpt_dir} holds no [adamw, muon] pair of state dicts")
     loop_state = meta.get("loop_state", {})
     checkpoint = {
         "epoch": 0,

@@ -31,7 +31,8 @@ def write_config(path: Path, base_dir: Path, root: Path, num_iterations: int, sa
     JSON is valid YAML, so ``-c`` reads it.
     """
     config = {
-        "model": {"init_args": {"depth": 1, "max_seq_len": 16, "device_batch_size": 2, "total_batch_size": 64,
+        "model": {"class_path": "nanolit.module.GPTModule",
+                  "init_args": {"depth": 1, "max_seq_len": 16, "device_batch_size": 2, "total_batch_size": 64,
                                 "num_iterations": num_iterations, "export": False}},
         "data": {"init_args": {"base_dir": str(base_dir), "eval_tokens": 64, "tokenizer_threads": 1}},
         "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root),

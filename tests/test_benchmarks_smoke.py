@@ -45,7 +45,8 @@ def test_step_overhead_mirrors_the_cli(tiny_base_dir, tmp_path, monkeypatch):
         sys.path.remove(str(BENCH))
     from nanolit.lightning_cli import NanoCLI
 
-    cli = NanoCLI(args=[f"--data.base_dir={tiny_base_dir}", f"--trainer.default_root_dir={tmp_path}",
+    cli = NanoCLI(args=["--model=nanolit.module.GPTModule", f"--data.base_dir={tiny_base_dir}",
+                        f"--trainer.default_root_dir={tmp_path}",
                         "--trainer.accelerator=cpu"], run=False)
     ours = {type(cb) for cb in step_overhead.cli_callbacks(tmp_path / "ckpt")}
     nanolit_or_lr = {type(cb) for cb in cli.trainer.callbacks  # the CLI's config writer is no training callback

@@ -7,6 +7,7 @@ already prefetched and skip one step on resume (lightning-notes §3), so the ret
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import lightning.pytorch as L
@@ -17,7 +18,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from nanolit.common import NanolitError, get_base_dir
 from nanolit.data.loader import TrainTokenStream, check_batch_knobs, grad_accum_steps, resume_state_for_rank, val_batches
-from nanolit.data.shards import check_shards_have_text, list_parquet_files, train_val_split
+from nanolit.data.bestfit import BestFitTokenStream, bestfit_val_batches
+from nanolit.data.bestfit import resume_state_for_rank as bestfit_resume_state
+from nanolit.data.shards import check_shards_have_text, data_dir_2026, list_parquet_files, train_val_split
 from nanolit.tokenizer import Tokenizer
 
 
@@ -53,7 +56,7 @@ class BaseDataModule(L.LightningDataModule):
         tokenizer_batch_size: int = 128,
     ):
         super().__init__()
-        check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
+        self._check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
         if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 1:
             raise NanolitError(f"eval_tokens must be a positive number of tokens, got {eval_tokens!r}")
         self.save_hyperparameters()
@@ -73,23 +76,33 @@ class BaseDataModule(L.LightningDataModule):
 
     # -- setup and properties --------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _check_batch_knobs(max_seq_len: int, device_batch_size: int, total_batch_size: int) -> None:
+        check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
+
+    def data_dir(self, base: Path) -> Path:
+        """Where the shards are: ``<base_dir>/base_data``."""
+        return base / "base_data"
+
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer, list the shards (once) and work out ``grad_accum_steps`` for this world size."""
         if self._tokenizer is None:
             base = get_base_dir(self.base_dir)
-            files = list_parquet_files(base / "base_data")
+            files = list_parquet_files(self.data_dir(base))
             if not files:
                 raise NanolitError(
-                    f"no parquet shards in {base / 'base_data'}; run `nanolit data download -n 2` or "
+                    f"no parquet shards in {self.data_dir(base)}; run `nanolit data download -n 2` or "
                     "`nanolit data from-text`, or point --data.base_dir at a nanochat base dir"
                 )
             self._train_files, self._val_files = train_val_split(files)
             check_shards_have_text(files)
             self._tokenizer = Tokenizer.from_directory(base / "tokenizer")
+        self.grad_accum_steps = self._resolved_grad_accum()
+
+    def _resolved_grad_accum(self) -> int | None:
+        """Micro-batches per optimizer step for this world size."""
         _, world_size = self._rank_and_world()
-        self.grad_accum_steps = grad_accum_steps(
-            self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size
-        )
+        return grad_accum_steps(self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -186,3 +199,64 @@ class BaseDataModule(L.LightningDataModule):
         if self.trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
+
+
+class BestFitDataModule(BaseDataModule):
+    """nanochat 92d63d4's pretraining data: rows packed BOS-aligned, best-fit from a buffer of documents
+    (``nanolit.data.bestfit``), from ``<base_dir>/base_data_climbmix`` or else ``base_data``; val batches the same
+    way. ``total_batch_size=-1`` (the 2026 recipe's automatic batch) takes the module's ``tokens_per_step``, which
+    the module derives from the depth. Resume is exact, the epoch included; a nanochat state resumes by its rule.
+    """
+
+    @staticmethod
+    def _check_batch_knobs(max_seq_len: int, device_batch_size: int, total_batch_size: int) -> None:
+        check_batch_knobs(max_seq_len, device_batch_size, total_batch_size if total_batch_size != -1 else 1)
+
+    def data_dir(self, base: Path) -> Path:
+        return data_dir_2026(base)
+
+    def _resolved_grad_accum(self) -> int | None:
+        """With ``total_batch_size=-1`` the module's ``tokens_per_step`` (None until a module with one is attached)."""
+        total = self.total_batch_size
+        if total == -1:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            total = getattr(module, "tokens_per_step", -1) if module is not None else -1
+            if total == -1:
+                return None
+        _, world_size = self._rank_and_world()
+        return grad_accum_steps(total, self.device_batch_size, self.max_seq_len, world_size)
+
+    def val_dataloader(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._val is None:
+            self.setup()
+            rank, world_size = self._rank_and_world()
+            self._val = bestfit_val_batches(self._val_files, self._tokenizer, self.device_batch_size,
+                                            self.max_seq_len, self.eval_tokens, rank, world_size,
+                                            self.tokenizer_threads, self.tokenizer_batch_size)
+        return self._val
+
+    def _open_stream(self) -> BestFitTokenStream:
+        if self._stream is not None:
+            self._stream.close()
+        self.setup()
+        if self.grad_accum_steps is None:
+            raise NanolitError("total_batch_size=-1 picks the batch from the model: use it with the 2026 module "
+                               "(nanolit.module2026.GPT2026Module), or give a number of tokens")
+        rank, world_size = self._rank_and_world()
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        self._stream = BestFitTokenStream(
+            self._train_files, self._tokenizer, self.device_batch_size, self.max_seq_len,
+            self.grad_accum_steps, rank, world_size, resume_state=self._consumed,
+            tokenizer_threads=self.tokenizer_threads, tokenizer_batch_size=self.tokenizer_batch_size,
+            pin_memory=on_cuda)
+        return self._stream
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("train_loader")
+        if not saved:
+            return
+        rank, world_size = self._rank_and_world()
+        self._consumed, exact = bestfit_resume_state(saved, rank, world_size)
+        if not exact:
+            rank_zero_warn(f"the checkpoint's data position was saved by {len(saved)} rank(s) (or by nanochat) and "
+                           f"this run has {world_size}; resuming by nanochat's rule, which skips some documents")
