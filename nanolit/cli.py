@@ -110,9 +110,14 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*`val_dataloader` but have no `validation_step`.*")
     # torch 2.13 deprecates LeafSpec, which Lightning 2.6's pytree helper still checks for.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
-    # An advert for Lightning's cloud logger, printed at every start.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
+    # Lightning's start and end chatter: the plan table shows the device and the seed, the step lines the end
+    # (and an advert for its cloud logger).
+    chatter = ("litlogger", "GPU available:", "TPU available:", "Seed set to", "`Trainer.fit` stopped:")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith(chatter) and
+                                          "litlogger" not in record.getMessage())
+    # `--ckpt_path last` on a run's first launch (how a job is relaunched): there is nothing to resume yet.
+    warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint.*')
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -200,7 +200,9 @@ class MidStage(Dec2025Stage):
             "horizon": horizon,
             "LR schedule": "by epoch progress: constant to 80%, then linear to 0; Muon momentum 0.85 -> 0.95 "
                            "over 300 steps",
-            "dtype": f"{hp.dtype} (trainer.precision {core.trainer.precision})",
+            "dtype": (f"{hp.dtype} (trainer.precision {core.trainer.precision})" if core.bf16_training() or
+                      core.trainer.strategy.root_device.type == "cuda" else
+                      f"{hp.dtype}: fp32 off CUDA, as nanochat (it autocasts on CUDA only)"),
         }
 
 

@@ -281,6 +281,7 @@ class TrainingCore(L.LightningModule):
                      f"vocab {config.vocab_size:,}",
             "parameters": f"{gpt.num_params():,}",
             "FLOPs per token": f"{self.flops_per_token:e}",
+            "device": device_description(self.trainer.strategy.root_device),
             "world size": f"{world} ({self.trainer.num_nodes} node{'s' if self.trainer.num_nodes != 1 else ''})",
             "batch": f"{hp.device_batch_size} x {hp.max_seq_len} tokens per device x {self.grad_accum_steps} "
                      f"accumulation x {world} device{'s' if world != 1 else ''} = {self.tokens_per_step:,} tokens/step",
@@ -509,6 +510,15 @@ class GPTModule(TrainingCore):
         check_loss_chunk_size(loss_chunk_size)
         super().__init__(BaseStage())
         self.save_hyperparameters()
+
+
+def device_description(device: torch.device) -> str:
+    """The device in the plan table: the GPU's name, or the CPU threads torch uses."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    if device.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} threads"
+    return device.type
 
 
 def print_plan(plan: dict[str, str]) -> None:

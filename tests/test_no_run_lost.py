@@ -99,5 +99,3 @@ def test_relaunching_a_finished_run_changes_nothing(tiny_base_dir, tmp_path, cap
     assert report.exists() and len(list(logs.glob("version_*/report.md"))) == 1
     for p, (data, mtime) in files.items():
         assert (p.read_bytes(), p.stat().st_mtime_ns) == (data, mtime), p
-    base_exports = tiny_base_dir / "base_checkpoints"
-    assert not base_exports.exists() or not any(base_exports.rglob("*"))  # the config's export=False was kept
