@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = Path(args.work or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         data = args.base_dir.resolve() if args.base_dir else default_base_dir(work)
-        print(f"d{args.depth}: T {args.max_seq_len}, B {args.device_batch_size}, {args.total_batch_size:,} tokens/step, "
-              f"{args.steps} steps, eval every {args.eval_every}; data {data}; runs in {work}", flush=True)
+        print(f"d{args.depth}: T {args.max_seq_len}, B {args.device_batch_size}, {args.total_batch_size:,} "
+              f"tokens/step, {args.steps} steps, eval every {args.eval_every}; data {data}; runs in {work}", flush=True)
         rounds = []
         for r in range(args.rounds):
             rounds.append(one_round(args, work, data, r, python))

@@ -228,12 +228,14 @@ class MidModule(TrainingCore):
         init_lr_frac: scales every group's LR at the start.
         dry_run: no nanochat export; the Lightning checkpoints still follow the checkpoint callback's settings.
         grad_clip: global gradient-norm clip; 0 (nanochat's mid_train) disables it.
-        compile: ``torch.compile`` the GPT for training; ``None`` means on CUDA only.
+        compile: ``torch.compile`` the GPT for training; ``None`` as base training (CUDA, and CPUs with a C++
+            compiler).
         vocab_size: the tokenizer's, linked by the CLI; checked against the base checkpoint's.
         shard_optimizer: nanochat's DistAdamW/DistMuon sharding, as base training (``GPTModule``); the export's
             ``optim_..._rank0.pt`` then holds the consolidated state (nanochat's mid_train keeps only rank 0's
             shard there), which loads at any world size.
-        loss_chunk_size: the loss head in chunks of rows, as base training (``GPTModule``); 0 disables it.
+        loss_chunk_size: the loss head in chunks of rows, as base training (``GPTModule``); 0 disables it, ``None``
+            picks as base training.
     """
 
     def __init__(
@@ -256,7 +258,7 @@ class MidModule(TrainingCore):
         compile: bool | None = None,
         vocab_size: int | None = None,
         shard_optimizer: bool = False,
-        loss_chunk_size: int = 0,
+        loss_chunk_size: int | None = None,
     ):
         if dtype not in DTYPES:
             raise NanolitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -14,6 +14,7 @@ batch, and where and what the export writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from pathlib import Path
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from nanolit.checkpoint import save_nanochat
 from nanolit.common import NanolitError, get_base_dir
+from nanolit.cpu import compile_by_default, keep_freed_memory
 from nanolit.data.loader import check_batch_knobs, grad_accum_steps
 from nanolit.lightning_adapter import is_logging_step, keep_unregistered, log_to_loggers, set_max_steps
 from nanolit.model import GPT, GPTConfig
@@ -52,7 +54,14 @@ def resolve_num_iterations(num_iterations: int, target_flops: float, target_para
                        "target_param_data_ratio to a positive value")
 
 
-def check_loss_chunk_size(loss_chunk_size: int) -> None:
+# Rows per chunk of the loss head when ``loss_chunk_size`` is None and training is compiled on a CPU: the chunked
+# head is faster there (d2 and d4 at vocab 4096: 0.92x and 0.95x of the compiled one-shot step; benchmarks/README.md).
+CPU_LOSS_CHUNK_ROWS = 512
+
+
+def check_loss_chunk_size(loss_chunk_size: int | None) -> None:
+    if loss_chunk_size is None:
+        return
     if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 0:
         raise NanolitError(f"loss_chunk_size must be a whole number of rows >= 0 (0: the one-shot head), "
                            f"got {loss_chunk_size!r}")
@@ -133,12 +142,29 @@ class TrainingCore(L.LightningModule):
             # TF32 for fp32 matmuls, as nanochat d575940 nanochat/common.py compute_init
             torch.set_float32_matmul_precision("high")
         self.stage.materialize(self, device)
-        use_compile = self.hparams.compile
-        if use_compile is None:
-            use_compile = self.gpt.get_device().type == "cuda"
+        if self.gpt.get_device().type == "cpu":
+            keep_freed_memory()  # every step reallocates the same large tensors: no page faults for them
+        use_compile = self.compiles()
         # Compile the inner GPT only: compiling the LightningModule breaks self.log on torch 2.13. Kept out of the
         # module registry so state_dict keys stay nanochat's, without _orig_mod.
         keep_unregistered(self, "train_model", torch.compile(self.gpt, dynamic=False) if use_compile else self.gpt)
+
+    def compiles(self) -> bool:
+        """Whether training runs compiled: the ``compile`` knob, and for ``None`` :func:`compile_by_default` (CUDA, and
+        CPUs with a C++ compiler). Muon's Newton-Schulz follows it."""
+        if self.hparams.compile is not None:
+            return bool(self.hparams.compile)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        return compile_by_default(device)
+
+    def loss_chunk_rows(self) -> int:
+        """The loss head's chunk (``loss_chunk_size``); ``None`` picks :data:`CPU_LOSS_CHUNK_ROWS` where training is
+        compiled on a CPU, else 0 (nanochat's one-shot head)."""
+        chunk = self.hparams.loss_chunk_size
+        if chunk is not None:
+            return chunk
+        on_cpu = self._trainer is None or self.trainer.strategy.root_device.type == "cpu"
+        return CPU_LOSS_CHUNK_ROWS if on_cpu and self.compiles() else 0
 
     def bf16_training(self) -> bool:
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
@@ -157,7 +183,7 @@ class TrainingCore(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def loss_per_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy in nats, ``[B*T]`` (protocol for the BPB callback)."""
-        return self.eval_model(x, y, loss_reduction="none", loss_chunk_size=self.hparams.loss_chunk_size)
+        return self.eval_model(x, y, loss_reduction="none", loss_chunk_size=self.loss_chunk_rows())
 
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation with the KV cache (protocol for the sampling callback)."""
@@ -195,7 +221,7 @@ class TrainingCore(L.LightningModule):
         total = torch.zeros((), device=batch.device)
         for i in range(self.grad_accum_steps):
             x, y = self.stage.inputs_and_targets(batch[i])
-            loss = self.train_model(x, y, loss_chunk_size=self.hparams.loss_chunk_size)
+            loss = self.train_model(x, y, loss_chunk_size=self.loss_chunk_rows())
             last = i == self.grad_accum_steps - 1
             # skip the DDP all-reduce on every micro-step but the last: one gradient sync per optimizer step
             sync = contextlib.nullcontext() if last or not isinstance(strategy, ParallelStrategy) \
@@ -288,6 +314,7 @@ class TrainingCore(L.LightningModule):
             **self.stage.plan(self),
             "grad clip": f"{self.stage.grad_clip(self):g}" if self.stage.grad_clip(self) > 0 else "off",
             "precision": str(self.trainer.precision),
+            **self.compile_plan(),
             **self.loss_head_plan(),
             **{f"lr {type(opt).__name__}/{group.get('name', group.get('kind', i))}": f"{group['initial_lr']:.6g}"
                for opt in self.trainer.optimizers for i, group in enumerate(opt.param_groups)},
@@ -296,9 +323,19 @@ class TrainingCore(L.LightningModule):
         plan["export"] = str(target) if target is not None else "off"
         return plan
 
+    def compile_plan(self) -> dict[str, str]:
+        """Whether training is compiled, and what that costs up front, for the training plan."""
+        device = self.trainer.strategy.root_device
+        if self.compiles():
+            return {"compile": "on (torch.compile): the first step pays the compilation, ~10-60 s cold, seconds from "
+                               "torch's cache; --model.compile=false runs eager"}
+        if self.hparams.compile is None and device.type == "cpu":
+            return {"compile": "off: no C++ compiler for torch.compile's CPU kernels (install g++ to compile)"}
+        return {"compile": "off (eager)"}
+
     def loss_head_plan(self) -> dict[str, str]:
         """How the loss head runs (``loss_chunk_size``), for the training plan."""
-        chunk, rows = self.hparams.loss_chunk_size, self.hparams.device_batch_size * self.hparams.max_seq_len
+        chunk, rows = self.loss_chunk_rows(), self.hparams.device_batch_size * self.hparams.max_seq_len
         if chunk <= 0:
             return {"loss head": f"one shot: [{rows:,} x vocab] logits per micro-batch (loss_chunk_size=0)"}
         return {"loss head": f"chunks of {min(chunk, rows):,} rows, {math.ceil(rows / chunk)} per micro-batch"}
@@ -325,7 +362,7 @@ class Dec2025Stage:
 
     def configure_optimizers(self, core: TrainingCore) -> list:
         hp = core.hparams
-        build = build_optimizers
+        build = functools.partial(build_optimizers, compile_ns=core.compiles())
         if hp.shard_optimizer:
             from nanolit.sharded import build_sharded_optimizers
 
@@ -467,14 +504,16 @@ class GPTModule(TrainingCore):
         warmup_ratio, warmdown_ratio, final_lr_frac: the LR schedule.
         num_iterations, target_flops, target_param_data_ratio: the horizon, in that precedence (-1 disables one).
         init_lr_frac: scales every group's LR at the start (1.0 for base training).
-        compile: ``torch.compile`` the GPT for training; ``None`` means on CUDA only.
+        compile: ``torch.compile`` the GPT (and Muon's Newton-Schulz) for training; ``None`` means on CUDA, and on
+            a CPU where torch finds a C++ compiler (``nanolit.cpu.compile_by_default``).
         vocab_size: taken from the DataModule's tokenizer when ``None`` (the CLI links it).
         seed: the weight-init seed (nanochat: 42 on every rank).
         model_tag: nanochat's output folder name; the final model is exported in nanochat's format to
             ``<base_dir>/base_checkpoints/<model_tag or d{depth}>/`` (``export=False`` skips it).
         loss_chunk_size: compute the loss head ``loss_chunk_size`` rows (of ``B*T``) at a time instead of all at
             once (``nanolit.loss``): same loss and gradients, without the ``[B*T, vocab]`` fp32 logits in memory,
-            so a larger ``device_batch_size`` fits; 0 (nanochat's one-shot head) disables it.
+            so a larger ``device_batch_size`` fits; 0 (nanochat's one-shot head) disables it. ``None``: 512 rows
+            where training is compiled on a CPU (faster there), else 0.
         shard_optimizer: shard the optimizer state and Muon's work across ranks like nanochat's
             DistAdamW/DistMuon (``nanolit.sharded``); needs ``--trainer.strategy=ddp_nowrap``. The optimizers
             average the gradients themselves, so the clip sees each rank's local gradient, as in nanochat.
@@ -504,7 +543,7 @@ class GPTModule(TrainingCore):
         model_tag: str = "",
         export: bool = True,
         shard_optimizer: bool = False,
-        loss_chunk_size: int = 0,
+        loss_chunk_size: int | None = None,
     ):
         check_batch_knobs(max_seq_len, device_batch_size, total_batch_size)
         check_loss_chunk_size(loss_chunk_size)

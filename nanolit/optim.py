@@ -45,13 +45,14 @@ def _newtonschulz5(G: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -
 
 @functools.cache
 def _compiled_newtonschulz5() -> Callable[[Tensor, int], Tensor]:
-    # Built on first CUDA use only: importing this module (and CPU runs) must not pay for torch.compile.
+    # Built on first compiled use only: importing this module (and eager runs) must not pay for torch.compile.
     # dynamic=False: a GPT has only a handful of matrix shapes, and one static graph per shape avoids the slow
     # dynamic-shape kernel the default picks after the second shape (H100, d20's 1280x5120: 3.1 ms vs 0.77 ms).
     return torch.compile(_newtonschulz5, dynamic=False)
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None,
+                                compiled: bool | None = None) -> Tensor:
     """Approximately orthogonalise ``G`` (..., rows, cols): U S Vᵀ -> U S' Vᵀ with S' in a band around 1.
 
     Spec §2.1: cast to bf16, work on the wide orientation, divide by (Frobenius norm + 1e-7), then ``steps``
@@ -61,10 +62,12 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
 
     ``dtype`` is the iteration's precision, :data:`NS_DTYPE` (bf16, what nanochat d575940 runs) when ``None``:
     bf16 is stable for this iteration, and fp32 exists for comparisons that must not depend on where bf16 rounds.
+    ``compiled``: run the compiled iteration (``None``: on CUDA only; training on CPU asks for it when it compiles
+    the GPT, as nanochat d575940 compiles it on every device).
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix (or a batch of them); got shape {tuple(G.shape)}")
-    fn = _compiled_newtonschulz5() if G.is_cuda else _newtonschulz5
+    fn = _compiled_newtonschulz5() if (G.is_cuda if compiled is None else compiled) else _newtonschulz5
     return fn(G, steps, NS_DTYPE if dtype is None else dtype)
 
 
@@ -88,6 +91,7 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
+        compile_ns: bool | None = None,
     ) -> None:
         params = list(params)
         if not params:
@@ -106,6 +110,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         groups = [{"params": [p for p in params if p.numel() == size]} for size in {p.numel() for p in params}]
         super().__init__(groups, defaults)
+        self.compile_ns = compile_ns  # Newton-Schulz compiled or not (None: on CUDA only)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -122,11 +127,13 @@ class Muon(torch.optim.Optimizer):
                     raise RuntimeError(f"Muon: a parameter of shape {tuple(p.shape)} has no gradient")
                 by_shape.setdefault(p.shape, []).append(p)
             for params in by_shape.values():
-                muon_update(params, [p.grad for p in params], [self.state[p] for p in params], group)
+                muon_update(params, [p.grad for p in params], [self.state[p] for p in params], group,
+                            compiled=self.compile_ns)
         return loss
 
 
-def muon_update(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None:
+def muon_update(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict,
+                compiled: bool | None = None) -> None:
     """One Muon update of every matrix in ``params`` (all of one shape) from ``grads`` (overwritten), with their
     ``states`` and ``group``: momentum ``buf = lerp(buf, g, 1-mu)``, Nesterov ``u = lerp(g, buf, mu)`` (in place
     of ``g``, as nanochat does, to save a matrix-sized temporary), ``p -= lr * sqrt(max(1, rows/cols)) * NS5(u)``.
@@ -144,7 +151,8 @@ def muon_update(params: list[Tensor], grads: list[Tensor], states: list[dict], g
     torch._foreach_lerp_(bufs, grads, 1 - mu)
     if group["nesterov"]:
         torch._foreach_lerp_(grads, bufs, mu)
-    updates = zeropower_via_newtonschulz5(torch.stack(grads if group["nesterov"] else bufs), steps=group["ns_steps"])
+    updates = zeropower_via_newtonschulz5(torch.stack(grads if group["nesterov"] else bufs), steps=group["ns_steps"],
+                                          compiled=compiled)
     scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
     torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
 
@@ -189,13 +197,14 @@ def build_optimizers(
     embedding_lr: float = 0.2,
     matrix_lr: float = 0.02,
     weight_decay: float = 0.0,
+    compile_ns: bool | None = None,
 ) -> list[torch.optim.Optimizer]:
     """nanochat's ``setup_optimizers`` (§1.13): returns ``[adamw, muon]``.
 
     AdamW gets ``lm_head`` then ``wte``, with LRs scaled by ``(n_embd/768) ** -0.5`` (LRs were tuned at width
     768; wider embeddings take smaller Adam steps), betas (0.8, 0.95), eps 1e-10, and is fused when its params
-    are on CUDA. Muon gets every parameter of ``transformer.h`` at ``matrix_lr`` (unscaled: its update is
-    already normalised per matrix) and momentum 0.95. Every group gets ``initial_lr`` (the schedules multiply
+    are on CUDA or the CPU. Muon gets every parameter of ``transformer.h`` at ``matrix_lr`` (unscaled: its update
+    is already normalised per matrix) and momentum 0.95. Every group gets ``initial_lr`` (the schedules multiply
     it) and a ``name`` (``lm_head``, ``wte``, ``matrix_<numel>``) for LR logging.
 
     Works with any module exposing ``transformer.h``, ``transformer.wte.weight`` and ``lm_head.weight``.
@@ -211,10 +220,11 @@ def build_optimizers(
         dict(params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale, name="lm_head"),
         dict(params=embedding_params, lr=embedding_lr * dmodel_lr_scale, name="wte"),
     ]
-    fused = all(p.is_cuda for p in embedding_params + lm_head_params)  # fused AdamW is a CUDA kernel here
+    # fused AdamW has CUDA and CPU kernels (nanochat d575940 fuses it on every device)
+    fused = all(p.device.type in ("cuda", "cpu") for p in embedding_params + lm_head_params)
     adamw = torch.optim.AdamW(adamw_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay, fused=fused)
 
-    muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+    muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, compile_ns=compile_ns)
     for group in muon.param_groups:
         group["name"] = f"matrix_{group['params'][0].numel()}"
 

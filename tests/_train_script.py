@@ -33,7 +33,8 @@ def write_config(path: Path, base_dir: Path, root: Path, num_iterations: int, sa
     config = {
         "model": {"class_path": "nanolit.module.GPTModule",
                   "init_args": {"depth": 1, "max_seq_len": 16, "device_batch_size": 2, "total_batch_size": 64,
-                                "num_iterations": num_iterations, "export": False}},
+                                "num_iterations": num_iterations, "export": False,
+                                "compile": False}},  # eager: these runs are about processes and files, not kernels
         "data": {"init_args": {"base_dir": str(base_dir), "eval_tokens": 64, "tokenizer_threads": 1}},
         "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(root),
                     "enable_progress_bar": False, "enable_model_summary": False, "callbacks": list(callbacks)},

@@ -27,7 +27,7 @@ from nanolit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model.depth=1", "--model.max_seq_len=16", "--model.device_batch_size=2", "--model.total_batch_size=64",
         "--data.eval_tokens=64", "--data.tokenizer_threads=1", "--trainer.enable_progress_bar=false",
-        "--core.core_metric_every=-1", "--sample.sample_every=-1", "--bpb.eval_every=-1"]
+        "--core.core_metric_every=-1", "--sample.sample_every=-1", "--bpb.eval_every=-1", "--model.compile=false"]
 
 
 # ---------------------------------------------------------------------------------------------- workspaces

@@ -13,7 +13,7 @@ from nanolit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model.depth=2", "--model.max_seq_len=32", "--model.device_batch_size=2", "--model.total_batch_size=128",
-        "--data.eval_tokens=256", "--data.tokenizer_threads=1"]
+        "--data.eval_tokens=256", "--data.tokenizer_threads=1", "--model.compile=false"]  # eager: seconds saved a run
 
 
 def fit(base, root, *extra):

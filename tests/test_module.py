@@ -186,3 +186,54 @@ def test_protocol_for_callbacks():
     assert module.num_iterations == 5
     assert "gpt.transformer.wte.weight" in module.state_dict()
     assert not any("_orig_mod" in k for k in module.state_dict())
+
+
+def test_compile_default_follows_the_cpu_compiler(monkeypatch):
+    """compile=None compiles on a CPU where torch finds a C++ compiler (and chunks the loss head there), and stays
+    eager without one; the plan table says which."""
+    import nanolit.cpu
+    from nanolit.module import CPU_LOSS_CHUNK_ROWS
+
+    module = make_module(compile=None, loss_chunk_size=None)
+    module.trainer = trainer()
+    monkeypatch.setattr(nanolit.cpu, "cpu_compiler", lambda: None)
+    assert not module.compiles() and module.loss_chunk_rows() == 0
+    assert "no C++ compiler" in module.compile_plan()["compile"]
+    monkeypatch.setattr(nanolit.cpu, "cpu_compiler", lambda: "c++")
+    assert module.compiles() and module.loss_chunk_rows() == CPU_LOSS_CHUNK_ROWS
+    assert "first step pays the compilation" in module.compile_plan()["compile"]
+    explicit = make_module(compile=None, loss_chunk_size=0)
+    explicit.trainer = module.trainer
+    assert explicit.loss_chunk_rows() == 0  # a number is kept as given
+    assert make_module(compile=False, loss_chunk_size=None).loss_chunk_rows() == 0
+
+
+@pytest.mark.skipif(__import__("nanolit.cpu").cpu.cpu_compiler() is None, reason="no C++ compiler for torch.compile")
+def test_compiled_cpu_default_trains_like_eager():
+    """The CPU default (compiled GPT and Newton-Schulz, chunked loss head, fused AdamW) trains as the eager one-shot
+    loop does. Step 0 sees the same weights: only fp32 summation order differs (compiled kernels, chunk sums), ~1e-7.
+    Later steps can differ more: a 1e-7 change can move an element of the bf16 Newton-Schulz input across a rounding
+    boundary, which changes that step's update (as 1 process against 2 in tests/test_ddp.py), so each weight must end
+    within 10% of the distance training moved it; other tokens put two runs 100% of that distance apart."""
+    steps = make_steps(3, seed=2)
+    eager, compiled = make_module(num_iterations=3), make_module(num_iterations=3, compile=None, loss_chunk_size=None)
+    losses = {}
+    for name, module in (("eager", eager), ("compiled", compiled)):
+        rec = RecordLoss()
+        trainer(callbacks=[rec]).fit(module, FixedSteps(copy.deepcopy(steps)))
+        losses[name] = rec.losses
+    assert compiled.train_model is not compiled.gpt and compiled.loss_chunk_rows() > 0  # the default did compile
+    assert all(g.get("fused") for g in compiled.trainer.optimizers[0].param_groups)
+    assert compiled.trainer.optimizers[1].compile_ns
+    assert losses["compiled"][0] == pytest.approx(losses["eager"][0], rel=1e-5)
+    start = build_gpt(GPTConfig.from_depth(2, V, T)).state_dict()
+    for (name, p), q in zip(compiled.gpt.state_dict().items(), eager.gpt.state_dict().values()):
+        assert (p - q).norm() <= 0.1 * (q - start[name]).norm(), name
+
+
+class RecordLoss(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
