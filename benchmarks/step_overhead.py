@@ -1,4 +1,4 @@
-"""The Lightning tax: nanolit's training loop vs a plain PyTorch loop doing the same math (issue 7).
+"""The Lightning tax: nanolit's training loop vs a plain PyTorch loop doing the same math.
 
 Both train the same GPT on the same tokens with the same config:
 

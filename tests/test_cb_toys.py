@@ -175,7 +175,8 @@ def make_trainer(root: Path, callbacks: list, max_steps: int, **kwargs) -> L.Tra
 
 
 def reference_bpb(model: nn.Module, batches, token_bytes: torch.Tensor) -> float:
-    """Bits per byte computed token by token in float64, straight from the definition (spec §6)."""
+    """Bits per byte computed token by token in float64, straight from the definition (nanochat d575940
+    nanochat/loss_eval.py)."""
     nats, total_bytes = 0.0, 0
     with torch.no_grad():
         for x, y in batches:
