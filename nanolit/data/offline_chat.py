@@ -18,11 +18,10 @@ import ast
 import json
 import random
 import re
-import sysconfig
-import warnings
 from pathlib import Path
 
 from nanolit.common import NanolitError, atomic_write
+from nanolit.data.corpus import stdlib_trees
 from nanolit.data.tasks import IDENTITY_FILE, WORDS_FILE, task_folder
 
 SEED = 1234
@@ -31,16 +30,9 @@ TEST_FRACTION = 0.1
 
 def stdlib_functions(stdlib: Path | None = None) -> list[tuple[str, str, str]]:
     """``(module, function, first docstring paragraph)`` of the stdlib's public top-level functions."""
-    stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
     found = []
-    for path in sorted(stdlib.glob("*.py")):  # top-level modules: short, well-known names
+    for path, tree in stdlib_trees("*.py", stdlib):  # top-level modules: short, well-known names
         if path.stem.startswith("_") or path.stem in ("this", "antigravity"):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # invalid escape sequences in old sources
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
