@@ -192,12 +192,17 @@ class BaseDataModule(L.LightningDataModule):
         if not saved:
             return
         rank, world_size = self._rank_and_world()
-        self._consumed, exact = resume_state_for_rank(saved, rank, world_size)
+        self._consumed, exact = self.resume_rule(saved, rank, world_size)
         if not exact:
             rank_zero_warn(
-                f"the checkpoint's data position was saved by {len(saved)} rank(s) and this run has {world_size}; "
-                "resuming at the next row-group stride (nanochat's rule), which skips some documents"
+                f"the checkpoint's data position was saved by {len(saved)} rank(s) (or by nanochat) and this run has "
+                f"{world_size}; resuming by nanochat's rule (the next row-group stride), which skips some documents"
             )
+
+    @staticmethod
+    def resume_rule(saved: list[dict], rank: int, world_size: int) -> tuple[dict, bool]:
+        """``(this rank's start state, exact?)`` from the states the checkpoint holds, one per rank."""
+        return resume_state_for_rank(saved, rank, world_size)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -255,12 +260,6 @@ class BestFitDataModule(BaseDataModule):
             pin_memory=on_cuda)
         return self._stream
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("train_loader")
-        if not saved:
-            return
-        rank, world_size = self._rank_and_world()
-        self._consumed, exact = bestfit_resume_state(saved, rank, world_size)
-        if not exact:
-            rank_zero_warn(f"the checkpoint's data position was saved by {len(saved)} rank(s) (or by nanochat) and "
-                           f"this run has {world_size}; resuming by nanochat's rule, which skips some documents")
+    @staticmethod
+    def resume_rule(saved: list[dict], rank: int, world_size: int) -> tuple[dict, bool]:
+        return bestfit_resume_state(saved, rank, world_size)
