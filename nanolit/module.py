@@ -78,15 +78,16 @@ class TrainingCore(L.LightningModule):
         self.run_state = RunState()  # replaced by the trainer's in setup
         self._flops_per_token: float | None = None
         self._restored_step = 0
+        self._pending_gpt: GPT | None = None  # built for early questions (FLOPs), registered by setup
 
     # ------------------------------------------------------------------------------- model and facts
     def model(self) -> GPT:
         """The GPT: registered once ``setup`` has checked it, else the stage's (for facts asked early)."""
         if self.gpt is not None:
             return self.gpt
-        if "_pending_gpt" not in self.__dict__:
+        if self._pending_gpt is None:
             keep_unregistered(self, "_pending_gpt", self.stage.build(self))
-        return self.__dict__["_pending_gpt"]
+        return self._pending_gpt
 
     def vocab_size(self) -> int:
         """The tokenizer's vocab (the CLI links it to ``vocab_size``), else the DataModule's."""
@@ -125,7 +126,7 @@ class TrainingCore(L.LightningModule):
                                                  self.trainer.world_size)
         self.stage.setup(self)
         self.gpt = gpt  # registered last: a model that failed a check must not reach teardown
-        self.__dict__.pop("_pending_gpt", None)
+        keep_unregistered(self, "_pending_gpt", None)
 
     def configure_model(self) -> None:
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
