@@ -367,8 +367,9 @@ def nanochat_meta_2026(plan, step: int, val_bpb: float | None, dataloader_state:
     }
 
 
-def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """``(GPT, checkpoint dict)`` from a nanolit Lightning ``.ckpt`` (the module keeps the GPT under ``gpt.``)."""
+def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT | GPT2026, dict]:
+    """``(model, checkpoint dict)`` from a nanolit Lightning ``.ckpt`` of either generation (the module keeps its
+    model under ``gpt.``)."""
     from nanolit.model import GPTConfig, build_gpt
 
     ckpt = load_tensors(path, device)
@@ -378,9 +379,16 @@ def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | st
     hp = ckpt.get("hyper_parameters", {})
     if "transformer.wte.weight" not in state or "depth" not in hp:
         raise NanolitError(f"{path} holds no nanolit GPT (no gpt.* weights or depth hyperparameter)")
-    vocab_size = state["transformer.wte.weight"].shape[0]
-    config = GPTConfig.from_depth(hp["depth"], vocab_size=vocab_size, sequence_len=hp["max_seq_len"])
-    model = build_gpt(config, device)
+    if detect_architecture(state) == "jul2026":  # a GPT2026Module's: its knobs give the shapes, the vocab unpadded
+        from nanolit.model2026 import GPTConfig2026, build_gpt2026
+
+        config = GPTConfig2026.from_knobs(hp["depth"], hp["vocab_size"], hp["max_seq_len"], hp["aspect_ratio"],
+                                          hp["head_dim"], hp["window_pattern"])
+        model = build_gpt2026(config, device)
+    else:
+        vocab_size = state["transformer.wte.weight"].shape[0]
+        model = build_gpt(GPTConfig.from_depth(hp["depth"], vocab_size=vocab_size, sequence_len=hp["max_seq_len"]),
+                          device)
     if torch.device(device).type != "cuda":
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
