@@ -86,6 +86,9 @@ class MidStage(Dec2025Stage):
             saved = datetime.datetime.fromtimestamp((path / f"model_{step:06d}.pt").stat().st_mtime)
             by = f"exported by the run in {meta['nanolit_run']}" if meta.get("nanolit_run") else "not by nanolit"
             self.init_origin = f"step {step}, {by}, saved {saved:%Y-%m-%d %H:%M}"
+        if not isinstance(gpt, GPT):
+            raise NanolitError(f"base model {self.init_source} is nanochat's 2026 architecture; mid-training is the "
+                               "d575940 recipe's stage (92d63d4 has no mid_train): mid-train a GPTModule model")
         self._check_vocab(core, gpt)
         hp = core.hparams
         if hp.depth not in (None, gpt.config.n_layer):
