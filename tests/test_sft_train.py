@@ -132,11 +132,21 @@ class StopAtStart(L.Callback):
         trainer.should_stop = True
 
 
-def test_horizon_from_epochs(base, tmp_path):
-    module, trainer = fit(base, tmp_path, [StopAtStart()], num_epochs=3, target_examples_per_step=8)
+def test_horizon_from_epochs_and_the_plan_names_the_model_and_its_exporter(base, tmp_path, byte_tokenizer):
+    folder = tmp_path / "mid_export"
+    save_nanochat(build_gpt(GPTConfig.from_depth(1, byte_tokenizer.get_vocab_size(), 64), "cpu"), folder, 9,
+                  {"user_config": {}, "nanolit_run": "/runs/mid"})
+    module, trainer = fit(base, tmp_path, [StopAtStart()], num_epochs=3, target_examples_per_step=8,
+                          init_from=str(folder))
     iterations = MIXTURE_SIZE // 8 * 3  # chat_sft: (len(train_ds) // target_examples_per_step) * num_epochs
     assert module.stage.iterations == iterations and trainer.max_steps == module.num_iterations == iterations - 1
     assert module.grad_accum_steps == 8 // B
+    plan = module.training_plan()
+    assert plan["model to fine-tune"].startswith(f"{folder / 'model_000009.pt'} (step 9, exported by the run in "
+                                                 "/runs/mid, saved ")
+    assert plan["horizon"].startswith(f"{iterations - 1} steps: num_iterations={iterations} (num_epochs=3 x (616 ")
+    assert plan["batch"].startswith(f"{B} conversations per device x 4 accumulation x 1 device = 8 conversations")
+    assert plan["export"] == "off"
 
 
 def test_val_loss_is_the_mean_of_batch_means(base, tmp_path, byte_tokenizer):
@@ -242,3 +252,13 @@ def test_bad_input_in_one_line(base, tmp_path, capsys, byte_tokenizer):
         SFTModule(num_iterations=0)
     with pytest.raises(NanolitError, match="trains nothing"):
         fit(base, tmp_path, num_iterations=1)
+
+
+def test_sft_does_not_import_the_callbacks():
+    """(The other way, tests/test_layers.py: the callbacks never import nanolit.model, which nanolit.sft does.)"""
+    from test_layers import probe
+
+    loaded = probe(["nanolit.data.sft_datamodule", "nanolit.sft"], ("nanolit.",))
+    assert "nanolit.midtrain" in loaded["nanolit.sft"]  # the import really happened
+    assert {name: [m for m in found if m.startswith("nanolit.callbacks")] for name, found in loaded.items()} == {
+        "nanolit.data.sft_datamodule": [], "nanolit.sft": []}
