@@ -73,6 +73,14 @@ def mid_lr_multiplier(progress: float) -> float:
     return 1.0 if progress < 0.8 else 1 - (progress - 0.8) / 0.2
 
 
+def sft_lr_multiplier(it: int, num_iterations: int) -> float:
+    """SFT LR multiplier for step ``it`` of ``num_iterations``: linear from 1 at step 0 towards 0 at step N, no warmup
+    (nanochat d575940 scripts/chat_sft.py). chat_sft's loop stops at step N-1 without training it, so the last
+    trained step gets 2/N."""
+    _check_horizon(num_iterations, 0.0)
+    return 1.0 - it / num_iterations
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The 2026 recipe (nanochat 92d63d4 scripts/base_train.py)
 
