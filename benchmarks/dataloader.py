@@ -1,14 +1,15 @@
-"""Tokens per second of the training loader alone, on one CPU core, against what d20 consumes (issue 7).
+"""Tokens per second of the training loader alone, on one CPU core, against what d20 consumes.
 
 The loader (``TrainTokenStream``: parquet row groups -> tiktoken with ``<|bos|>`` per document -> ``[A, B, T+1]``
 steps, tokenized in a background thread) must outrun the GPU it feeds by 10x, per rank, on a single core, so that
 one core per GPU is plenty and the model never waits on data. What d20 eats on one GPU: about 136K tok/s per
-H100 in nanochat's speedrun (48% MFU on 8xH100, spec §13.3); nanolit's own step does 142K tok/s on one H100
+H100 in nanochat's speedrun (its speedrun; 48% MFU on 8xH100); nanolit's own step does 142K tok/s on one H100
 (``benchmarks/gpu.py``, benchmarks/README.md). Target: >= 10x the larger, 1.42M tok/s.
 
 The process is pinned to one core (``sched_setaffinity``) and the tokenizer gets one thread, so the main
 thread, the background thread and tiktoken all share that core. Token counts depend on the vocabulary: nanochat's
-65536-token tokenizer packs about 4.8 bytes of FineWeb-Edu text per token (spec §9.4), smaller vocabularies
+65536-token tokenizer packs about 4.8 bytes of FineWeb-Edu text per token (nanochat d575940 scripts/tok_train.py),
+smaller vocabularies
 fewer, so the script also reports text bytes/s and the 65536-vocab tokens/s they amount to (bytes / 4.8).
 
     python benchmarks/dataloader.py                              # embedded corpus, BPE vocab 16384
@@ -30,9 +31,9 @@ from nanolit.data.shards import iter_row_groups, list_parquet_files, train_val_s
 from nanolit.tokenizer import Tokenizer
 from step_overhead import default_base_dir, prepare_base_dir  # sibling script: benchmarks/ is sys.path[0]
 
-D20_TOK_PER_SEC = 141_889  # benchmarks/gpu.py, d20 on one H100 (nanochat's speedrun: ~136K per GPU, spec §13.3)
-NANOCHAT_BYTES_PER_TOKEN = 4.8  # the 65536 vocab on FineWeb-Edu (spec §9.4)
-REQUIRED_MARGIN = 10  # issue 7
+D20_TOK_PER_SEC = 141_889  # benchmarks/gpu.py, d20 on one H100 (its speedrun; nanochat's speedrun: ~136K per GPU)
+NANOCHAT_BYTES_PER_TOKEN = 4.8  # the 65536 vocab on FineWeb-Edu (nanochat d575940 scripts/tok_train.py)
+REQUIRED_MARGIN = 10  # the loader must outrun what d20 consumes per GPU tenfold
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,7 @@
-"""GPU throughput of nanolit's training step: MFU, tok/s, peak memory and Muon's share of the step (issue 7).
+"""GPU throughput of nanolit's training step: MFU, tok/s, peak memory and Muon's share of the step.
 
-One optimizer step is exactly what ``GPTModule.training_step`` runs on one GPU (spec §4.10 step 6): the GPT
+One optimizer step is exactly what ``GPTModule.training_step`` runs on one GPU (nanochat d575940 scripts/base_train.py):
+the GPT
 compiled as ``configure_model`` compiles it, bf16 autocast, forward + backward of every micro-batch, one global
 grad-norm clip, the LR multiplier and Muon momentum, fused AdamW then Muon, ``zero_grad``. The Lightning loop
 around it adds ~2 ms of host work per step, hidden behind GPU-bound steps (``benchmarks/step_overhead.py``
@@ -9,7 +10,8 @@ measures it), so this plain loop gives nanolit's numbers without the Trainer's s
 Timing: ``--warmup`` steps first (compilation happens there), then ``--steps`` steps between two
 ``cuda.synchronize`` calls, with no host sync in between. Muon and AdamW are bracketed by CUDA events, which time
 the GPU work without stopping the host. MFU is nanochat's: ``flops_per_token * tokens / dt / peak`` with the
-dense bf16 peak (989e12 on an H100 SXM, spec §4.10 step 7). Tokens are random ids: the data path is the
+dense bf16 peak (nanochat d575940 scripts/base_train.py; 989e12 on an H100 SXM). Tokens are random ids: the data path is
+the
 loader's job, benchmarked by ``benchmarks/dataloader.py``.
 
     python benchmarks/gpu.py --depths 12 20                      # the issue's two models, B=32, T=2048
@@ -31,7 +33,8 @@ from nanolit.model import GPTConfig, build_gpt
 from nanolit.optim import build_optimizers
 from nanolit.schedules import lr_multiplier, muon_momentum
 
-H100_PEAK = 989e12  # nanochat's promised_flops_per_sec_h100 (spec §4.10 step 7), for GPUs not in the table
+# nanochat's promised_flops_per_sec_h100 (nanochat d575940 scripts/base_train.py), for GPUs not in the table
+H100_PEAK = 989e12
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,7 +139,7 @@ def bench_depth(depth: int, args: argparse.Namespace, device: torch.device) -> d
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as nanochat (spec §1.9)
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as nanochat (nanochat d575940 nanochat/gpt.py)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (fp32, no MFU: smoke runs only)"
     print(f"# {name}, torch {torch.__version__}")
     start, results = time.perf_counter(), []

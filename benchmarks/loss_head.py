@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=65536, help="nanochat's vocab (spec §9)")
+    p.add_argument("--vocab-size", type=int, default=65536,
+                   help="nanochat's vocab (nanochat d575940 nanochat/tokenizer.py)")
     p.add_argument("--device-batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--chunks", type=int, nargs="+", default=[0, 1024, 256],

@@ -1,4 +1,4 @@
-"""Optimizer-state sharding: memory per rank and step time, with and without it (issue 6).
+"""Optimizer-state sharding: memory per rank and step time, with and without it.
 
 W processes (gloo on CPU) hold the same GPT and each its own random gradients, then time the optimizer half of a
 training step in two modes:

@@ -1,4 +1,4 @@
-"""The Lightning tax: nanolit's training loop vs a plain PyTorch loop doing the same math (issue 7).
+"""The Lightning tax: nanolit's training loop vs a plain PyTorch loop doing the same math.
 
 Both train the same GPT on the same tokens with the same config:
 
@@ -35,8 +35,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, PreemptionCheckpoint, ReportWriter,
-                               RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor)
+from nanolit.callbacks import (BPBValidation, ChatEvaluation, COREEvaluation, EMALossLogger, PreemptionCheckpoint,
+                               ReportWriter, RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor,
+                               ValidationLoss)
 from nanolit.common import autocast_context, synchronize
 from nanolit.data.corpus import write_default_corpus
 from nanolit.data.datamodule import BaseDataModule
@@ -128,7 +129,8 @@ def cli_callbacks(ckpt_dir: Path) -> list[L.Callback]:
     defaults = [RunState(), StepLine(), TokenThroughputMonitor(), LearningRateMonitor(logging_interval="step"),
                 ReportWriter()]
     groups = [EMALossLogger(), BPBValidation(eval_every=-1), COREEvaluation(core_metric_every=-1),
-              Sampler(sample_every=-1), StepCheckpoint(dirpath=str(ckpt_dir)), PreemptionCheckpoint()]
+              Sampler(sample_every=-1), ValidationLoss(eval_every=-1), ChatEvaluation(eval_metrics_every=-1),
+              StepCheckpoint(dirpath=str(ckpt_dir)), PreemptionCheckpoint()]
     return defaults + groups  # no progress bar: the CLI shows one only on a terminal
 
 

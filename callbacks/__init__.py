@@ -11,6 +11,7 @@ Evaluations (val bpb, CORE, samples) follow nanochat's schedule: at the start of
 sampling, rank zero alone) because they run collectives; printing and logging happen on rank zero.
 """
 from nanolit.callbacks.bpb import BitsPerByte, BPBValidation
+from nanolit.callbacks.chat_eval import ChatEvaluation
 from nanolit.callbacks.checkpoint import StepCheckpoint
 from nanolit.callbacks.core import COREEvaluation
 from nanolit.callbacks.ema_loss import EMALossLogger
@@ -20,11 +21,13 @@ from nanolit.callbacks.progress import NanoProgressBar, StepLine
 from nanolit.callbacks.report import ReportWriter
 from nanolit.callbacks.sampling import NANOCHAT_PROMPTS, Sampler
 from nanolit.callbacks.throughput import PEAK_BF16_FLOPS, TokenThroughputMonitor, peak_bf16_flops
+from nanolit.callbacks.val_loss import ValidationLoss
 from nanolit.runstate import RunState
 
 __all__ = [
     "BitsPerByte",
     "BPBValidation",
+    "ChatEvaluation",
     "COREEvaluation",
     "EMALossLogger",
     "NANOCHAT_PROMPTS",
@@ -38,5 +41,6 @@ __all__ = [
     "StepCheckpoint",
     "StepLine",
     "TokenThroughputMonitor",
+    "ValidationLoss",
     "peak_bf16_flops",
 ]

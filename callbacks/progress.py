@@ -16,7 +16,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from nanolit.lightning_adapter import StepBoundary, is_logging_step
+from nanolit.lightning_adapter import StepBoundary, is_logging_step, stop_rich_progress
 from nanolit.runstate import RunState
 
 
@@ -116,6 +116,10 @@ class NanoProgressBar(RichProgressBar):
 
     def _get_train_description(self, current_epoch: int) -> str:  # Lightning's hook for the bar's label
         return "Step"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        stop_rich_progress(self)  # the bar's last frame before the closing lines and the report's, not after
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str]:
         state, shown = self.run_state, {}

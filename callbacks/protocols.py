@@ -10,6 +10,9 @@ callback                  needs
 ``COREEvaluation``        module: :class:`HasEvalModel`; datamodule: :class:`HasTokenizer`
 ``Sampler``               module: :class:`Generates`; datamodule: :class:`HasTokenizer`
 ``TokenThroughputMonitor`` module: :class:`TokenCounts`
+``ValidationLoss``        module: :class:`LossPerToken`; datamodule: :class:`ValBatches`
+``ChatEvaluation``        module: :class:`HasEvalModel` whose ``eval_model`` is a :class:`ChatModel`; datamodule:
+                          :class:`HasTokenizer` whose ``tokenizer`` is a :class:`ChatTokenizer`
 ``EMALossLogger``         nothing (optional ``last_train_loss`` on the module, see its docstring)
 ``ReportWriter``          nothing (optional :class:`TokenCounts` and ``num_iterations`` for the run facts)
 ``NanoProgressBar``       nothing (optional ``num_iterations``, see :class:`HasHorizon`)
@@ -95,6 +98,39 @@ class TokenData(Protocol):
     def val_dataloader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+@runtime_checkable
+class ValBatches(Protocol):
+    """A DataModule whose ``val_dataloader()`` yields ``(x, y)`` with -1 at ignored targets: this rank's share of the
+    same batches at every evaluation."""
+
+    def val_dataloader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@runtime_checkable
+class ChatTokenizer(Protocol):
+    """A :class:`Tokenizer` with chat's special tokens: ``encode_special(name) -> id`` (``<|user_start|>``...)."""
+
+    def encode(self, text: Any, prepend: int | None = None) -> Any: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def get_bos_token_id(self) -> int: ...
+
+    def encode_special(self, name: str) -> int: ...
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """What ``nanolit.eval.chat`` runs: ``get_device()``, ``config`` (layers, heads, width: the KV cache's shape) and
+    ``forward(idx[B, T], kv_cache=None) -> logits[B, T, V]`` (nanolit's GPT and GPT2026 have all three)."""
+
+    config: Any
+
+    def get_device(self) -> torch.device: ...
+
+    def forward(self, idx: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+
 def require(obj: Any, protocol: type, owner: str, what: str) -> None:
     """Raise one line naming what ``obj`` lacks of ``protocol``, for callback ``owner`` (``what``: "module"...)."""
     if isinstance(obj, protocol):
@@ -107,5 +143,5 @@ def require(obj: Any, protocol: type, owner: str, what: str) -> None:
                        f"{(protocol.__doc__ or '').split(';')[0].strip()}); add it or remove the callback")
 
 
-__all__ = ["Generates", "HasEvalModel", "HasHorizon", "HasTokenizer", "LossPerToken", "TokenCounts", "TokenData",
-           "Tokenizer", "require"]
+__all__ = ["ChatModel", "ChatTokenizer", "Generates", "HasEvalModel", "HasHorizon", "HasTokenizer", "LossPerToken",
+           "TokenCounts", "TokenData", "Tokenizer", "ValBatches", "require"]

@@ -11,17 +11,8 @@ from lightning.pytorch.loggers import WandbLogger
 from nanolit.callbacks.periodic import PeriodicEvaluation, check_interval, check_positive, evaluation_mode
 from nanolit.callbacks.protocols import Generates, HasTokenizer, require
 from nanolit.common import NanolitError, atomic_write
+from nanolit.sample import NANOCHAT_PROMPTS
 
-# nanochat d575940 scripts/base_train.py's prompts, in order.
-NANOCHAT_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 
 
 class Sampler(PeriodicEvaluation):

@@ -1,4 +1,5 @@
-"""Checkpoints in nanochat's on-disk format (spec §4.14, §11.3), so nanochat and nanolit read each other's files.
+"""Checkpoints in nanochat's on-disk format (nanochat d575940 scripts/base_train.py, nanochat/checkpoint_manager.py), so
+nanochat and nanolit read each other's files.
 
 A checkpoint dir (``<base>/base_checkpoints/d20/``) holds, per saved step:
 ``model_{step:06d}.pt`` (the uncompiled model's state_dict), ``meta_{step:06d}.json`` (indent 2) and
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from nanolit.model import GPT
     from nanolit.model2026 import GPT2026
 
-# §11.3: load_model's source names and the base-dir folders they live in.
+# nanochat d575940 nanochat/checkpoint_manager.py: load_model's source names and the base-dir folders they live in.
 SOURCE_DIRS = {
     "base": "base_checkpoints",
     "mid": "mid_checkpoints",
@@ -36,7 +37,8 @@ SOURCE_DIRS = {
     "rl": "chatrl_checkpoints",
 }
 
-# §1.3: every state_dict key of the Dec-2025 architecture (no biases, norms or positional table).
+# nanochat d575940 nanochat/gpt.py: every state_dict key of the Dec-2025 architecture (no biases, norms or positional
+# table).
 _DEC2025_KEY = re.compile(
     r"transformer\.wte\.weight|lm_head\.weight|transformer\.h\.\d+\.(attn\.c_(q|k|v|proj)|mlp\.c_(fc|proj))\.weight"
 )
@@ -49,7 +51,8 @@ _JUL2026_KEY = re.compile(
 )
 _JUL2026_MARKERS = ("smear_gate.weight", "backout_lambda", "resid_lambdas", "x0_lambdas")
 
-# §14.5: keys that first appear in later nanochat versions, newest first (a Mar-2026 model has all of them).
+# later nanochat commits: keys that first appear in later nanochat versions, newest first (a Mar-2026 model has all of
+# them).
 _NEWER_ERAS = [
     ("smear_", "mar2026", "smear gate and backout lambdas, March 2026 or later"),
     ("value_embeds.", "jan2026-ve", "value embeddings, mid-January 2026 or later"),
@@ -73,7 +76,7 @@ def save_nanochat_checkpoint(
     meta: dict,
     rank: int = 0,
 ) -> None:
-    """Write one step's files like nanochat's ``save_checkpoint`` (§11.3).
+    """Write one step's files like nanochat's ``save_checkpoint`` (nanochat d575940 nanochat/checkpoint_manager.py).
 
     Rank 0 writes the model and meta; every rank writes its optimizer file when ``optim_states`` is given.
     All files are staged as temporaries first and renamed only once every one was written, model last, so a
@@ -112,9 +115,10 @@ def load_nanochat_checkpoint(
 
 
 def detect_architecture(state_dict: dict) -> str:
-    """Which nanochat architecture a state_dict belongs to, by its key set (§14.5).
+    """Which nanochat architecture a state_dict belongs to, by its key set (later nanochat commits).
 
-    ``"dec2025"`` (nanochat d575940: the keys of §1.3 only), ``"jul2026"`` (nanochat 92d63d4's key set, which
+    ``"dec2025"`` (nanochat d575940: the keys of its nanochat/gpt.py only), ``"jul2026"`` (nanochat 92d63d4's key set,
+    which
     ``nanolit.model2026`` implements), ``"jan2026"``, ``"jan2026-ve"``, ``"mar2026"`` (other 2026 key sets), or
     ``"unknown"`` when the keys match none of these.
     """
@@ -140,7 +144,8 @@ def _architecture_error(ckpt_dir: Path, era: str) -> NanolitError:
 def _drop_vocab_padding(state_dict: dict, vocab_size: int) -> dict:
     """Slice wte/lm_head back to ``vocab_size`` rows.
 
-    From 2025-12-23 (§14.1) nanochat pads both to a multiple of 64 rows and slices the logits back, so the extra
+    From 2025-12-23 (later nanochat commits) nanochat pads both to a multiple of 64 rows and slices the logits back, so
+    the extra
     rows never affect outputs and those checkpoints still load into the Dec-2025 model.
     """
     for key in ("transformer.wte.weight", "lm_head.weight"):
@@ -152,7 +157,8 @@ def _drop_vocab_padding(state_dict: dict, vocab_size: int) -> dict:
 def build_model(
     ckpt_dir: str | os.PathLike, step: int, device: torch.device | str, phase: str = "eval"
 ) -> tuple[GPT | GPT2026, dict]:
-    """Load a checkpoint of either generation into a fresh model, like nanochat's ``build_model`` (§11.3).
+    """Load a checkpoint of either generation into a fresh model, like nanochat's ``build_model`` (nanochat d575940
+    nanochat/checkpoint_manager.py).
 
     Returns ``(model, meta)``: a ``GPT`` for a d575940 checkpoint, a ``GPT2026`` for a 92d63d4 one (told apart by
     the keys, ``detect_architecture``).
@@ -161,7 +167,8 @@ def build_model(
         raise NanolitError(f"phase must be 'eval' or 'train', got {phase!r}")
     ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     model_state, _, meta = load_nanochat_checkpoint(ckpt_dir, step, device)
-    # bf16 embeddings (CUDA runs, §1.9) are upcast off CUDA, where bf16 matmuls are slow or missing.
+    # bf16 embeddings (nanochat d575940 nanochat/gpt.py; CUDA runs) are upcast off CUDA, where bf16 matmuls are slow or
+    # missing.
     if device.type in ("cpu", "mps"):
         model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
@@ -210,7 +217,8 @@ def _build_jul2026(ckpt_dir: Path, step: int, device: torch.device, model_state:
 
 
 def find_largest_model(checkpoints_dir: str | os.PathLike) -> str:
-    """The tag with the largest depth ``d<N>``, else the most recently modified tag folder (§11.3)."""
+    """The tag with the largest depth ``d<N>``, else the most recently modified tag folder (nanochat d575940
+    nanochat/checkpoint_manager.py)."""
     checkpoints_dir = Path(checkpoints_dir)
     tags = [p for p in checkpoints_dir.iterdir() if p.is_dir()] if checkpoints_dir.is_dir() else []
     if not tags:
@@ -359,8 +367,9 @@ def nanochat_meta_2026(plan, step: int, val_bpb: float | None, dataloader_state:
     }
 
 
-def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """``(GPT, checkpoint dict)`` from a nanolit Lightning ``.ckpt`` (the module keeps the GPT under ``gpt.``)."""
+def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT | GPT2026, dict]:
+    """``(model, checkpoint dict)`` from a nanolit Lightning ``.ckpt`` of either generation (the module keeps its
+    model under ``gpt.``)."""
     from nanolit.model import GPTConfig, build_gpt
 
     ckpt = load_tensors(path, device)
@@ -370,9 +379,16 @@ def load_lightning_checkpoint(path: str | os.PathLike, device: torch.device | st
     hp = ckpt.get("hyper_parameters", {})
     if "transformer.wte.weight" not in state or "depth" not in hp:
         raise NanolitError(f"{path} holds no nanolit GPT (no gpt.* weights or depth hyperparameter)")
-    vocab_size = state["transformer.wte.weight"].shape[0]
-    config = GPTConfig.from_depth(hp["depth"], vocab_size=vocab_size, sequence_len=hp["max_seq_len"])
-    model = build_gpt(config, device)
+    if detect_architecture(state) == "jul2026":  # a GPT2026Module's: its knobs give the shapes, the vocab unpadded
+        from nanolit.model2026 import GPTConfig2026, build_gpt2026
+
+        config = GPTConfig2026.from_knobs(hp["depth"], hp["vocab_size"], hp["max_seq_len"], hp["aspect_ratio"],
+                                          hp["head_dim"], hp["window_pattern"])
+        model = build_gpt2026(config, device)
+    else:
+        vocab_size = state["transformer.wte.weight"].shape[0]
+        model = build_gpt(GPTConfig.from_depth(hp["depth"], vocab_size=vocab_size, sequence_len=hp["max_seq_len"]),
+                          device)
     if torch.device(device).type != "cuda":
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)

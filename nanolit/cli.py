@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -346,12 +347,14 @@ def _chat(ns, base: Path) -> None:
 
     loaded = _load(ns)
     require_chat_model(loaded.phase, loaded.tokenizer, ns.checkpoint)
+    # Ctrl-C must end the chat even where the launching shell or job runner ignores SIGINT (Python then keeps
+    # ignoring it), as background jobs and some runners do.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     chat(loaded.model, loaded.tokenizer, ns.prompt, ns.temperature, ns.top_k, ns.max_tokens)
 
 
 def _sample(ns, base: Path) -> None:
-    from nanolit.callbacks.sampling import NANOCHAT_PROMPTS
-    from nanolit.sample import sample_lines
+    from nanolit.sample import NANOCHAT_PROMPTS, sample_lines
 
     loaded = _load(ns)
     for line in sample_lines(loaded.model, loaded.tokenizer, ns.prompt or NANOCHAT_PROMPTS,
@@ -360,9 +363,8 @@ def _sample(ns, base: Path) -> None:
 
 
 def _eval_bpb(ns, base: Path) -> None:
-    from nanolit.callbacks.sampling import NANOCHAT_PROMPTS
     from nanolit.eval.base_loss import evaluate_splits
-    from nanolit.sample import sample_lines
+    from nanolit.sample import NANOCHAT_PROMPTS, sample_lines
 
     loaded = _load(ns)
     data = (base if ns.base_dir else loaded.tokenizer_dir.parent) / "base_data"

@@ -87,7 +87,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 def autocast_context(device: torch.device | str):
-    """bf16 autocast on CUDA (nanochat §4.2); fp32 elsewhere.
+    """bf16 autocast on CUDA (nanochat d575940 scripts/base_train.py); fp32 elsewhere.
 
     MPS runs fp32 like nanochat: bf16 autocast on MPS is slower or unsupported for several ops on the torch
     versions we test, and fp32 keeps CPU and MPS numerics identical.

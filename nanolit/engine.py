@@ -1,4 +1,5 @@
-"""Inference: KV cache, sampling and the streaming generation engine with the calculator tool (spec §8)."""
+"""Inference: KV cache, sampling and the streaming generation engine with the calculator tool (nanochat d575940
+nanochat/engine.py)."""
 from __future__ import annotations
 
 import ast
@@ -18,7 +19,8 @@ class KVCache:
     """Keys and values of every layer in one tensor ``[L, 2, B, Hkv, T, D]``, allocated on first insert.
 
     The tensor takes k's dtype and device (bf16 under autocast) and grows along T in steps of 1024 when a
-    prompt outruns it (spec §8.1). ``prev_embedding`` ``[B, 1, C]`` is the 2026 GPT's smear state: the last cached
+    prompt outruns it (nanochat d575940 nanochat/engine.py). ``prev_embedding`` ``[B, 1, C]`` is the 2026 GPT's smear
+    state: the last cached
     token's embedding (None until a 2026 model writes it; the d575940 GPT never does).
     """
 
@@ -98,7 +100,7 @@ def generate_tokens(model: torch.nn.Module, tokens: list[int], max_tokens: int, 
     """Yield ``max_tokens`` ids sampled after the prompt ``tokens`` (batch 1), for any nanolit GPT.
 
     With a KV cache each step feeds one token, O(T) forwards; without, every step re-runs the whole sequence
-    (nanochat's ``GPT.generate``). Both give the same tokens (spec §1.14).
+    (nanochat's ``GPT.generate``). Both give the same tokens (nanochat d575940 nanochat/gpt.py).
     """
     device = model.get_device()
     c = model.config
@@ -167,7 +169,8 @@ class _RowState:
 
 
 class Engine:
-    """Batched streaming generation with a KV cache and the python/calculator tool state machine (spec §8.3)."""
+    """Batched streaming generation with a KV cache and the python/calculator tool state machine (nanochat d575940
+    nanochat/engine.py)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer):
         self.model = model

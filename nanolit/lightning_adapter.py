@@ -89,6 +89,12 @@ def fit_loop_state_at(trainer: L.Trainer, step: int) -> dict[str, Any]:
     return state
 
 
+def stop_rich_progress(bar) -> None:
+    """Close a ``RichProgressBar``'s live display now (Lightning closes it at ``teardown``, after everything printed
+    at the end of fit, so its last frame would come after the closing lines)."""
+    bar._stop_progress()
+
+
 def keep_unregistered(module: torch.nn.Module, name: str, value: Any) -> None:
     """Set ``module.<name>`` without registering it as a submodule: a compiled copy of a registered model must not
     add ``_orig_mod.`` keys to the state_dict, nor be moved or counted twice by Lightning."""
@@ -110,4 +116,4 @@ def lr_names(optimizers: list) -> list[list[str]]:
 
 
 __all__ = ["CHECKED_VERSIONS", "StepBoundary", "fit_loop_state_at", "is_logging_step", "keep_unregistered",
-           "log_to_loggers", "lr_names", "set_max_steps"]
+           "log_to_loggers", "lr_names", "set_max_steps", "stop_rich_progress"]

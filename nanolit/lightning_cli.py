@@ -19,8 +19,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, NanoProgressBar, PreemptionCheckpoint,
-                               ReportWriter, RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor)
+from nanolit.callbacks import (BPBValidation, ChatEvaluation, COREEvaluation, EMALossLogger, NanoProgressBar,
+                               PreemptionCheckpoint, ReportWriter, RunState, Sampler, StepCheckpoint, StepLine,
+                               TokenThroughputMonitor, ValidationLoss)
 from nanolit.common import NanolitError, load_tensors
 from nanolit.data.datamodule import BaseDataModule
 from nanolit.module import TrainingCore
@@ -68,9 +69,12 @@ class NanoCLI(LightningCLI):
         parser.add_lightning_class_args(BPBValidation, "bpb")
         parser.add_lightning_class_args(COREEvaluation, "core")
         parser.add_lightning_class_args(Sampler, "sample")
+        # SFT's validation (chat_sft's val loss and chat metrics); off unless a config turns them on (configs/sft.yaml)
+        parser.add_lightning_class_args(ValidationLoss, "val_loss")
+        parser.add_lightning_class_args(ChatEvaluation, "chat_eval")
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
-        for knob in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        for knob in ("max_seq_len", "device_batch_size", "total_batch_size", "target_examples_per_step"):
             parser.link_arguments(f"model.init_args.{knob}", f"data.init_args.{knob}")
         parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size,
                               apply_on="instantiate")
@@ -86,6 +90,8 @@ class NanoCLI(LightningCLI):
             "trainer.log_every_n_steps": 1,
             "trainer.enable_model_summary": False,  # the plan table shows the model; Lightning's counts no FLOPs
             "trainer.max_epochs": -1,  # the horizon is the model's num_iterations (max_steps)
+            "val_loss.eval_every": -1,
+            "chat_eval.eval_metrics_every": -1,
         })
 
     def instantiate_trainer(self, **kwargs):

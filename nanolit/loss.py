@@ -2,7 +2,7 @@
 
 The one-shot head materialises [B*T, vocab] logits several times over: the matmul output, its fp32 copy, the
 softcapped values and the log-softmax that autograd saves. At d20 (B=32, T=2048, vocab 65536) each fp32 copy is
-16 GiB; users on 24 GB cards report running d20 at ``device_batch_size`` 4 (spec §15.1). Here only
+16 GiB; users on 24 GB cards report running d20 at ``device_batch_size`` 4 (nanochat's issue tracker). Here only
 ``chunk_size`` rows of logits exist at a time, and the gradients for ``x`` and the head weight are computed in
 the same pass, so the backward does no recomputation (the same matmul FLOPs as the one-shot head: one forward,
 two backward).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -1  # nanochat's padding target (spec §1.8)
+IGNORE_INDEX = -1  # nanochat's padding target (nanochat d575940 nanochat/gpt.py)
 
 
 def _in_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

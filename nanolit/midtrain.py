@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from nanolit.checkpoint import find_largest_model, find_last_step, load_lightning_checkpoint, load_nanochat
+from nanolit.checkpoint import (SOURCE_DIRS, find_largest_model, find_last_step, load_lightning_checkpoint,
+                                load_nanochat)
 from nanolit.common import NanolitError
 from nanolit.data.loader import check_batch_knobs
 from nanolit.data.mid import inputs_and_targets
@@ -39,27 +40,35 @@ from nanolit.schedules import mid_lr_multiplier
 DTYPES = ("bfloat16", "float32")
 
 
-class MidStage(Dec2025Stage):
-    """Mid-training's part: the base model to start from, the data-progress LR, the epoch-end stop, the export."""
+class FromCheckpointStage(Dec2025Stage):
+    """What the stages that continue a trained model share (mid-training, SFT): the model from a nanolit ``.ckpt`` or
+    a nanochat folder (by default nanochat's rule: the largest ``d<N>`` under :meth:`checkpoints_folder` at its last
+    step), checked against the run (vocab, depth), ``dtype`` checked against the precision, and the dtype of ``wte``.
+    """
 
-    optimizer_files_on_every_rank = False  # mid_train saves rank 0's optimizer file alone
+    loads = "base model"  # how the errors name the model the stage starts from
+    trains = "mid-train"  # how the errors name the stage's training
 
     def __init__(self) -> None:
         self.init_source = ""  # the checkpoint file the base model came from, for the plan and errors
         self.init_origin = ""  # which run exported it and when, where that is known
-        self.finished = False  # the DataModule flagged last_step and the run stopped on it
 
     # ----------------------------------------------------------------------------------------- model
+    def checkpoints_folder(self, core: TrainingCore) -> str:
+        """The folder of the base dir whose ``d<N>`` models are the default start (nanochat's ``source``)."""
+        return SOURCE_DIRS["base"]
+
     def base_checkpoint(self, core: TrainingCore) -> tuple[Path, int | None]:
         """Where the base model is: a ``.ckpt`` file (step ``None``) or a nanochat folder and its step."""
         hp = core.hparams
         if hp.init_from is None:
-            checkpoints = core.base_dir() / "base_checkpoints"
+            checkpoints = core.base_dir() / self.checkpoints_folder(core)
             folder = checkpoints / (hp.model_tag or find_largest_model(checkpoints))
         else:
             if hp.model_tag:
-                raise NanolitError(f"model_tag={hp.model_tag!r} picks a folder under base_checkpoints/ but "
-                                   f"init_from={hp.init_from} is given; drop one of them")
+                raise NanolitError(f"model_tag={hp.model_tag!r} picks a folder under "
+                                   f"{self.checkpoints_folder(core)}/ but init_from={hp.init_from} is given; drop "
+                                   "one of them")
             folder = Path(hp.init_from).expanduser()
             if folder.is_file():
                 if hp.step is not None:
@@ -86,10 +95,13 @@ class MidStage(Dec2025Stage):
             saved = datetime.datetime.fromtimestamp((path / f"model_{step:06d}.pt").stat().st_mtime)
             by = f"exported by the run in {meta['nanolit_run']}" if meta.get("nanolit_run") else "not by nanolit"
             self.init_origin = f"step {step}, {by}, saved {saved:%Y-%m-%d %H:%M}"
+        if not isinstance(gpt, GPT):
+            raise NanolitError(f"base model {self.init_source} is nanochat's 2026 architecture; mid-training is the "
+                               "d575940 recipe's stage (92d63d4 has no mid_train): mid-train a GPTModule model")
         self._check_vocab(core, gpt)
         hp = core.hparams
         if hp.depth not in (None, gpt.config.n_layer):
-            raise NanolitError(f"base model {self.init_source} has depth {gpt.config.n_layer}, not the "
+            raise NanolitError(f"{self.loads} {self.init_source} has depth {gpt.config.n_layer}, not the "
                                f"depth={hp.depth} asked for; pick the right checkpoint or drop --model.depth")
         if base_batch is not None and hp.device_batch_size > base_batch:
             # nanochat's mid_train warns the same way: a larger batch than base training used may not fit in memory
@@ -107,22 +119,9 @@ class MidStage(Dec2025Stage):
         else:
             return
         if gpt.config.vocab_size != vocab:
-            raise NanolitError(f"base model {self.init_source} has a {gpt.config.vocab_size}-token vocab but the "
-                               f"tokenizer in {tokenizer} has {vocab}; mid-train with the tokenizer the base model "
-                               "was trained with")
-
-    def setup(self, core: TrainingCore) -> None:
-        trainer = core.trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        if not (hasattr(datamodule, "progress") and hasattr(datamodule, "last_step")):
-            raise NanolitError(f"MidModule needs a DataModule with progress and last_step (nanolit.data.mid."
-                               f"MidDataModule), got {type(datamodule).__name__}")
-        self._check_dtype(core)
-        if trainer.max_steps not in (-1, None):
-            raise NanolitError(f"trainer.max_steps={trainer.max_steps} is not used by mid-training: the epoch "
-                               "ends the run; drop it or set --data.num_iterations")
-        limit = getattr(datamodule, "num_iterations", -1)
-        core.num_iterations = limit - 1 if limit > 0 else -1  # at most this many steps train (the epoch may end first)
+            raise NanolitError(f"{self.loads} {self.init_source} has a {gpt.config.vocab_size}-token vocab but the "
+                               f"tokenizer in {tokenizer} has {vocab}; {self.trains} with the tokenizer the "
+                               f"{self.loads} was trained with")
 
     def _check_dtype(self, core: TrainingCore) -> None:
         trainer = core.trainer
@@ -141,6 +140,35 @@ class MidStage(Dec2025Stage):
         # nanochat keeps wte in bf16 when training in bf16 on CUDA; anything else trains it in fp32.
         on_cuda = core.gpt.get_device().type == "cuda"
         core.gpt.transformer.wte.to(torch.bfloat16 if on_cuda and core.bf16_training() else torch.float32)
+
+    def dtype_plan(self, core: TrainingCore) -> str:
+        """The plan's ``dtype`` row: what runs, and why off CUDA it is fp32."""
+        if core.bf16_training() or core.trainer.strategy.root_device.type == "cuda":
+            return f"{core.hparams.dtype} (trainer.precision {core.trainer.precision})"
+        return f"{core.hparams.dtype}: fp32 off CUDA, as nanochat (it autocasts on CUDA only)"
+
+
+class MidStage(FromCheckpointStage):
+    """Mid-training's part: the base model to start from, the data-progress LR, the epoch-end stop, the export."""
+
+    optimizer_files_on_every_rank = False  # mid_train saves rank 0's optimizer file alone
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = False  # the DataModule flagged last_step and the run stopped on it
+
+    def setup(self, core: TrainingCore) -> None:
+        trainer = core.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if not (hasattr(datamodule, "progress") and hasattr(datamodule, "last_step")):
+            raise NanolitError(f"MidModule needs a DataModule with progress and last_step (nanolit.data.mid."
+                               f"MidDataModule), got {type(datamodule).__name__}")
+        self._check_dtype(core)
+        if trainer.max_steps not in (-1, None):
+            raise NanolitError(f"trainer.max_steps={trainer.max_steps} is not used by mid-training: the epoch "
+                               "ends the run; drop it or set --data.num_iterations")
+        limit = getattr(datamodule, "num_iterations", -1)
+        core.num_iterations = limit - 1 if limit > 0 else -1  # at most this many steps train (the epoch may end first)
 
     # ------------------------------------------------------------------------------------- training
     def inputs_and_targets(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +219,6 @@ class MidStage(Dec2025Stage):
         }
 
     def plan(self, core: TrainingCore) -> dict[str, str]:
-        hp = core.hparams
         horizon = "one epoch of the train mixture"
         if core.num_iterations >= 0:
             horizon = f"{core.num_iterations:,} steps (num_iterations={core.num_iterations + 1}) or the epoch's end"
@@ -200,9 +227,7 @@ class MidStage(Dec2025Stage):
             "horizon": horizon,
             "LR schedule": "by epoch progress: constant to 80%, then linear to 0; Muon momentum 0.85 -> 0.95 "
                            "over 300 steps",
-            "dtype": (f"{hp.dtype} (trainer.precision {core.trainer.precision})" if core.bf16_training() or
-                      core.trainer.strategy.root_device.type == "cuda" else
-                      f"{hp.dtype}: fp32 off CUDA, as nanochat (it autocasts on CUDA only)"),
+            "dtype": self.dtype_plan(core),
         }
 
 
@@ -268,4 +293,4 @@ class MidModule(TrainingCore):
         self.save_hyperparameters()
 
 
-__all__ = ["MidModule", "MidStage"]
+__all__ = ["FromCheckpointStage", "MidModule", "MidStage"]

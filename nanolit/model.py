@@ -1,4 +1,5 @@
-"""The GPT of nanochat (commit d575940, Dec 2025), with identical math and state_dict keys (spec §1).
+"""The GPT of nanochat (commit d575940, Dec 2025), with identical math and state_dict keys (nanochat d575940
+nanochat/gpt.py).
 
 - rotary embeddings (base 10000, two contiguous halves, nanochat's sign), no positional table
 - QK-norm after rotary, parameter-free RMSNorm everywhere, no biases
@@ -19,14 +20,14 @@ from nanolit.common import NanolitError
 from nanolit.engine import KVCache, generate_tokens
 from nanolit.loss import IGNORE_INDEX, softcap_cross_entropy
 
-ROTARY_BASE = 10000  # spec §1.5
-ROTARY_CACHE_FACTOR = 10  # the rotary table covers 10x sequence_len positions (spec §1.5)
-SOFTCAP = 15.0  # spec §1.8
+ROTARY_BASE = 10000  # nanochat d575940 nanochat/gpt.py
+ROTARY_CACHE_FACTOR = 10  # the rotary table covers 10x sequence_len positions (nanochat d575940 nanochat/gpt.py)
+SOFTCAP = 15.0  # nanochat d575940 nanochat/gpt.py
 
 
 @dataclass
 class GPTConfig:
-    """nanochat's GPTConfig: the only fields at d575940 (spec §1.1)."""
+    """nanochat's GPTConfig: the only fields at d575940 (nanochat d575940 nanochat/gpt.py)."""
 
     sequence_len: int = 1024
     vocab_size: int = 50304
@@ -37,7 +38,8 @@ class GPTConfig:
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, sequence_len: int) -> "GPTConfig":
-        """Derive width and heads from ``depth`` like base_train (spec §1.2): width 64*depth, head_dim ~128."""
+        """Derive width and heads from ``depth`` like base_train (nanochat d575940 scripts/base_train.py): width
+        64*depth, head_dim ~128."""
         if depth < 1:
             raise NanolitError(f"depth must be >= 1, got {depth}")
         model_dim = depth * 64
@@ -55,7 +57,7 @@ class GPTConfig:
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without weight, default eps, computed in the input dtype (spec §1.4, §1.9).
+    """RMSNorm without weight, default eps, computed in the input dtype (nanochat d575940 nanochat/gpt.py).
 
     torch >= 2.12 autocasts rms_norm to fp32; nanochat (torch 2.8) ran it in bf16. Running it outside autocast
     keeps the reference numerics on every torch version.
@@ -67,7 +69,8 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of the head dim; x is [B, T, heads, D] (spec §1.5: rotation by -theta)."""
+    """Rotate the two halves of the head dim; x is [B, T, heads, D] (nanochat d575940 nanochat/gpt.py: rotation by
+    -theta)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
@@ -108,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm comes after rotary (spec §1.6)
+        q, k = norm(q), norm(k)  # QK-norm comes after rotary (nanochat d575940 nanochat/gpt.py)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -162,13 +165,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.head_dim = config.n_embd // config.n_head
         cos, sin = precompute_rotary(ROTARY_CACHE_FACTOR * config.sequence_len, self.head_dim)
-        # non-persistent: not in the state_dict, exactly like nanochat (spec §1.3)
+        # non-persistent: not in the state_dict, exactly like nanochat (nanochat d575940 nanochat/gpt.py)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 42) -> None:
-        """nanochat's init (spec §1.10), drawing from a generator seeded with ``seed`` on the weights' device.
+        """nanochat's init (nanochat d575940 nanochat/gpt.py), drawing from a generator seeded with ``seed`` on the
+        weights' device.
 
         A fresh generator gives the same draws as nanochat's global ``manual_seed(42)`` right before init,
         independent of whatever consumed the global RNG before.
@@ -182,14 +186,15 @@ class GPT(nn.Module):
                 module.weight.normal_(0.0, std, generator=gen)
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, 1.0, generator=gen)
-        # zero-init after the draws, which still consumed RNG (spec §1.10 step 2)
+        # zero-init after the draws, which still consumed RNG (nanochat d575940 nanochat/gpt.py)
         self.lm_head.weight.zero_()
         for block in self.transformer.h:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
         self.reset_rotary(device)
         if device.type == "cuda":
-            self.transformer.wte.to(dtype=torch.bfloat16)  # nanochat keeps wte in bf16 on CUDA (spec §1.9)
+            # nanochat keeps wte in bf16 on CUDA (nanochat d575940 nanochat/gpt.py)
+            self.transformer.wte.to(dtype=torch.bfloat16)
 
     def reset_rotary(self, device=None, seq_len: int | None = None) -> None:
         """(Re)compute the rotary tables, e.g. after ``to_empty`` or to cover longer prompts."""
@@ -200,11 +205,12 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     def num_params(self) -> int:
-        """All parameters, wte and lm_head included (spec §1.12)."""
+        """All parameters, wte and lm_head included (nanochat d575940 nanochat/gpt.py)."""
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self) -> float:
-        """Forward+backward FLOPs per token: 6*(N - wte) + 12*L*H*D*T (spec §1.11, PaLM appendix B)."""
+        """Forward+backward FLOPs per token: 6*(N - wte) + 12*L*H*D*T (nanochat d575940 nanochat/gpt.py; PaLM appendix
+        B)."""
         c = self.config
         nparams_exclusive = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * nparams_exclusive + 12 * c.n_layer * c.n_head * self.head_dim * c.sequence_len
@@ -230,7 +236,8 @@ class GPT(nn.Module):
         if targets is not None and loss_chunk_size > 0:
             return softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), SOFTCAP,
                                          loss_chunk_size, loss_reduction)
-        logits = self.lm_head(x).float()  # fp32 before the softcap (spec §0 change 1)
+        # fp32 before the softcap, as nanochat d575940 does (earlier commits capped in bf16)
+        logits = self.lm_head(x).float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
@@ -241,13 +248,15 @@ class GPT(nn.Module):
                  seed: int = 42) -> Iterator[int]:
         """Yield ``max_tokens`` sampled ids after the prompt ``tokens``, with a KV cache (batch 1).
 
-        Gives the same tokens as nanochat's naive re-run of the whole sequence (spec §1.14), in O(T) forwards.
+        Gives the same tokens as nanochat's naive re-run of the whole sequence (nanochat d575940 nanochat/gpt.py), in
+        O(T) forwards.
         """
         return generate_tokens(self, tokens, max_tokens, temperature, top_k, seed)
 
 
 def build_gpt(config: GPTConfig, device: torch.device | str = "cpu", seed: int = 42) -> GPT:
-    """Build on the meta device, materialise on ``device`` and initialise like nanochat (spec §4.2)."""
+    """Build on the meta device, materialise on ``device`` and initialise like nanochat (nanochat d575940
+    scripts/base_train.py)."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

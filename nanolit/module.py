@@ -18,7 +18,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as L
 import torch
@@ -87,15 +87,16 @@ class TrainingCore(L.LightningModule):
         self.run_state = RunState()  # replaced by the trainer's in setup
         self._flops_per_token: float | None = None
         self._restored_step = 0
+        self._pending_gpt: GPT | None = None  # built for early questions (FLOPs), registered by setup
 
     # ------------------------------------------------------------------------------- model and facts
     def model(self) -> GPT:
         """The GPT: registered once ``setup`` has checked it, else the stage's (for facts asked early)."""
         if self.gpt is not None:
             return self.gpt
-        if "_pending_gpt" not in self.__dict__:
+        if self._pending_gpt is None:
             keep_unregistered(self, "_pending_gpt", self.stage.build(self))
-        return self.__dict__["_pending_gpt"]
+        return self._pending_gpt
 
     def vocab_size(self) -> int:
         """The tokenizer's vocab (the CLI links it to ``vocab_size``), else the DataModule's."""
@@ -127,14 +128,17 @@ class TrainingCore(L.LightningModule):
         return get_base_dir(getattr(getattr(self.trainer, "datamodule", None), "base_dir", None))
 
     def setup(self, stage: str) -> None:
-        hp = self.hparams
         self.run_state = RunState.of(self.trainer)
         gpt = self.model()
-        self.grad_accum_steps = grad_accum_steps(self.tokens_per_step, hp.device_batch_size, hp.max_seq_len,
-                                                 self.trainer.world_size)
+        self.grad_accum_steps = self.micro_batches_per_step()
         self.stage.setup(self)
         self.gpt = gpt  # registered last: a model that failed a check must not reach teardown
-        self.__dict__.pop("_pending_gpt", None)
+        keep_unregistered(self, "_pending_gpt", None)
+
+    def micro_batches_per_step(self) -> int:
+        """Gradient accumulation on this world size: ``tokens_per_step`` over ``B*T`` tokens per rank."""
+        hp = self.hparams
+        return grad_accum_steps(self.tokens_per_step, hp.device_batch_size, hp.max_seq_len, self.trainer.world_size)
 
     def configure_model(self) -> None:
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -210,17 +214,22 @@ class TrainingCore(L.LightningModule):
     def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> int | None:
         return self.stage.on_train_batch_start(self, batch)
 
+    def micro_batches(self, batch: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The step's ``grad_accum_steps`` micro-batches as ``(x, y)``, read by the stage from a ``[A, B, T+1]``
+        token batch (checked here, before any of them is trained)."""
+        if batch.dim() != 3 or batch.size(0) != self.grad_accum_steps:
+            raise NanolitError(f"expected a step batch of shape [grad_accum={self.grad_accum_steps}, B, T+1], "
+                               f"got {tuple(batch.shape)}; use a nanolit DataModule with the same batch knobs")
+        return (self.stage.inputs_and_targets(batch[i]) for i in range(self.grad_accum_steps))
+
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         step = self.global_step  # optimizer steps completed before this one == nanochat's `step`
-        if batch.dim() != 3 or batch.size(0) != self.grad_accum_steps:
-            raise NanolitError(f"expected a step batch of shape [grad_accum={self.grad_accum_steps}, B, T+1], "
-                               f"got {tuple(batch.shape)}; use a nanolit DataModule with the same batch knobs")
+        micro_batches = self.micro_batches(batch)
         strategy = self.trainer.strategy
-        total = torch.zeros((), device=batch.device)
-        for i in range(self.grad_accum_steps):
-            x, y = self.stage.inputs_and_targets(batch[i])
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
             loss = self.train_model(x, y, loss_chunk_size=self.loss_chunk_rows())
             last = i == self.grad_accum_steps - 1
             # skip the DDP all-reduce on every micro-step but the last: one gradient sync per optimizer step
@@ -282,7 +291,8 @@ class TrainingCore(L.LightningModule):
         every_rank = self.stage.optimizer_files_on_every_rank and not sharded
         if rank == 0 or every_rank:
             meta = {**self.stage.export_meta(self), "nanolit_run": self.run_id()} if rank == 0 else {}
-            save_nanochat(self.gpt, ckpt_dir, self.global_step, meta, optimizers, rank=rank,
+            save_nanochat(self.gpt, ckpt_dir, self.global_step, meta,
+                          optimizers if self.stage.export_optimizer else None, rank=rank,
                           world_size=1 if every_rank else world)
         self.trainer.strategy.barrier("export_nanochat")
         if self.trainer.is_global_zero:
@@ -360,6 +370,8 @@ class Dec2025Stage:
     """What every stage of nanochat d575940 shares: AdamW for the embedding and the unembedding, Muon for the
     matrices (``init_lr_frac`` scales both), the Muon momentum ramp, and the ``grad_clip`` knob."""
 
+    export_optimizer = True  # the nanochat export holds optimizer files (chat_sft's holds none)
+
     def configure_optimizers(self, core: TrainingCore) -> list:
         hp = core.hparams
         build = functools.partial(build_optimizers, compile_ns=core.compiles())
@@ -377,9 +389,7 @@ class Dec2025Stage:
     def apply_schedule(self, core: TrainingCore, step: int, lrm: float, optimizers: list) -> dict[str, float]:
         """This step's LR on every group and Muon momentum on Muon's; returns what to log."""
         adamw, muon = optimizers
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_lr(optimizers, lrm)
         momentum = muon_momentum(step)
         for group in muon.param_groups:
             group["momentum"] = momentum
@@ -551,6 +561,13 @@ class GPTModule(TrainingCore):
         self.save_hyperparameters()
 
 
+def set_lr(optimizers: list, lrm: float) -> None:
+    """Every group's LR to its ``initial_lr`` times ``lrm``, as nanochat's loops do each step."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+
+
 def device_description(device: torch.device) -> str:
     """The device in the plan table: the GPU's name, or the CPU threads torch uses."""
     if device.type == "cuda":
@@ -576,4 +593,5 @@ def print_plan(plan: dict[str, str]) -> None:
     Console().print(table)
 
 
-__all__ = ["BaseStage", "GPTModule", "TrainingCore", "check_loss_chunk_size", "print_plan", "resolve_num_iterations"]
+__all__ = ["BaseStage", "GPTModule", "TrainingCore", "check_loss_chunk_size", "print_plan", "resolve_num_iterations",
+           "set_lr"]

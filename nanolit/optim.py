@@ -1,6 +1,7 @@
 """Optimizers: Muon for the transformer's matrices, AdamW for the embedding and the unembedding.
 
-nanochat's split (spec §1.13), its Newton-Schulz orthogonalisation (§2.1) and its single-process Muon (§2.2),
+nanochat's split (nanochat d575940 nanochat/gpt.py), its Newton-Schulz orthogonalisation (nanochat d575940
+nanochat/muon.py) and its single-process Muon (nanochat d575940 nanochat/muon.py),
 with state_dict layouts that load nanochat's single-process optimizer files. Plain torch: no Lightning here.
 """
 from __future__ import annotations
@@ -13,14 +14,16 @@ from torch import Tensor, nn
 
 from nanolit.common import NanolitError
 
-# Quintic Newton-Schulz coefficients (§2.1), tuned in modded-nanogpt to push every singular value into a band
+# Quintic Newton-Schulz coefficients (nanochat d575940 nanochat/muon.py), tuned in modded-nanogpt to push every singular
+# value into a band
 # around 1 as fast as possible rather than to converge exactly to 1 (which would need many more steps).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 # The Newton-Schulz precision when none is given: nanochat d575940 casts to bf16 (nanochat/muon.py).
 NS_DTYPE = torch.bfloat16
 
-# AdamW hyperparameters nanochat uses for the embedding and the unembedding (§1.13, §3.1).
+# AdamW hyperparameters nanochat uses for the embedding and the unembedding (nanochat d575940 nanochat/gpt.py,
+# nanochat/adamw.py).
 ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
 
@@ -55,7 +58,8 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
                                 compiled: bool | None = None) -> Tensor:
     """Approximately orthogonalise ``G`` (..., rows, cols): U S Vᵀ -> U S' Vᵀ with S' in a band around 1.
 
-    Spec §2.1: cast to bf16, work on the wide orientation, divide by (Frobenius norm + 1e-7), then ``steps``
+    As nanochat d575940 nanochat/muon.py: cast to bf16, work on the wide orientation, divide by (Frobenius norm + 1e-7),
+    then ``steps``
     quintic iterations X <- aX + (bA + cA²)X with A = XXᵀ. Each iteration maps every singular value x to
     p(x) = ax + bx³ + cx⁵; p keeps [0.682, 1.134] invariant, so singular values that start above ~1% of the
     Frobenius norm end within that band after 5 steps. Compiled on CUDA, eager elsewhere.
@@ -72,7 +76,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-schulz, single process (spec §2.2).
+    """MomentUm Orthogonalized by Newton-schulz, single process (nanochat d575940 nanochat/muon.py).
 
     Per matrix: momentum buffer ``buf = lerp(buf, g, 1-μ)``; Nesterov ``u = lerp(g, buf, μ)`` (written into
     ``p.grad`` in place, as nanochat does, to save a matrix-sized temporary); then
@@ -175,7 +179,8 @@ def keep_group_keys(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> 
 
 def check_coverage(model: nn.Module, assigned: list[Tensor], expected: str = "transformer.h, transformer.wte "
                    "and an untied lm_head") -> None:
-    """Raise unless every model parameter is in exactly one optimizer group (nanochat asserts this too, §1.13);
+    """Raise unless every model parameter is in exactly one optimizer group (nanochat d575940 nanochat/gpt.py; nanochat
+    asserts this too);
     ``expected`` names what the model may hold, for the message."""
     counts: dict[int, int] = {}
     for p in assigned:
@@ -199,7 +204,7 @@ def build_optimizers(
     weight_decay: float = 0.0,
     compile_ns: bool | None = None,
 ) -> list[torch.optim.Optimizer]:
-    """nanochat's ``setup_optimizers`` (§1.13): returns ``[adamw, muon]``.
+    """nanochat's ``setup_optimizers`` (nanochat d575940 nanochat/gpt.py): returns ``[adamw, muon]``.
 
     AdamW gets ``lm_head`` then ``wte``, with LRs scaled by ``(n_embd/768) ** -0.5`` (LRs were tuned at width
     768; wider embeddings take smaller Adam steps), betas (0.8, 0.95), eps 1e-10, and is fused when its params

@@ -49,6 +49,8 @@ class RunState(L.Callback):
     eval_seconds: float = 0.0
     core: dict[str, Any] | None = None
     samples: dict[str, Any] | None = None
+    val_loss: float | None = None  # written by ValidationLoss (SFT's val metric, chat_sft's val_loss)
+    chat: dict[str, Any] | None = None  # written by ChatEvaluation: {"step", "results", "counts", "chatcore"}
     # writers that keep figures on the device or in an open window bring them up to date before anyone reads
     _flushers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _pending_finite: tuple | None = field(default=None, repr=False)  # CUDA: (flag, event, loss, step)

@@ -7,6 +7,17 @@ from nanolit.engine import Engine
 
 MAX_TOKENS = 16  # base_train and base_loss sample 16 tokens per prompt at temperature 0
 
+# nanochat d575940 scripts/base_train.py's prompts, in order.
+NANOCHAT_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
 
 def complete(model, tokenizer, prompts: Iterable[str], max_tokens: int = MAX_TOKENS, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 42) -> Iterator[list[int]]:

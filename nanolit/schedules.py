@@ -1,7 +1,8 @@
 """nanochat's schedules: the base LR multiplier, the Muon momentum ramp, and the mid-training LR multiplier.
 
 Pure functions of the step (or progress) so that a resumed run recomputes exactly the value the original
-run would have used; nothing here holds state. Spec §4.7, §4.8, §5.6. The ``*_2026`` functions are the
+run would have used; nothing here holds state (nanochat d575940 scripts/base_train.py, scripts/mid_train.py). The
+``*_2026`` functions are the
 schedules of nanochat 92d63d4 scripts/base_train.py (the 2026 recipe).
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ def lr_multiplier(
     warmdown_ratio: float = 0.2,
     final_lr_frac: float = 0.0,
 ) -> float:
-    """Base-training LR multiplier for optimizer step ``it`` (0-based, evaluated before the step; §4.7).
+    """Base-training LR multiplier for optimizer step ``it`` (nanochat d575940 scripts/base_train.py; 0-based, evaluated
+    before the step).
 
     Linear warmup over ``round(warmup_ratio*N)`` steps, then constant, then a linear warmdown over the last
     ``round(warmdown_ratio*N)`` steps towards ``final_lr_frac``. Python's ``round`` (half to even) is used on
@@ -53,7 +55,8 @@ def _warmup_constant_warmdown(it: int, num_iterations: int, warmup_iters: int, w
 
 
 def muon_momentum(it: int) -> float:
-    """Muon momentum for step ``it``: linear from 0.85 to 0.95 over the first 300 steps, then 0.95 (§4.8, §5.6).
+    """Muon momentum for step ``it``: linear from 0.85 to 0.95 over the first 300 steps, then 0.95 (nanochat d575940
+    scripts/base_train.py, scripts/mid_train.py).
 
     The low early momentum keeps the first, noisy updates from being amplified by a long momentum tail.
     """
@@ -62,11 +65,20 @@ def muon_momentum(it: int) -> float:
 
 
 def mid_lr_multiplier(progress: float) -> float:
-    """Mid-training LR multiplier from epoch progress in [0, 1]: 1 for the first 80%, then linear to 0 (§5.6).
+    """Mid-training LR multiplier from epoch progress in [0, 1]: 1 for the first 80%, then linear to 0 (nanochat d575940
+    scripts/mid_train.py).
 
     Mid-training has no fixed step count (the mixture is consumed once), so it schedules on data progress.
     """
     return 1.0 if progress < 0.8 else 1 - (progress - 0.8) / 0.2
+
+
+def sft_lr_multiplier(it: int, num_iterations: int) -> float:
+    """SFT LR multiplier for step ``it`` of ``num_iterations``: linear from 1 at step 0 towards 0 at step N, no warmup
+    (nanochat d575940 scripts/chat_sft.py). chat_sft's loop stops at step N-1 without training it, so the last
+    trained step gets 2/N."""
+    _check_horizon(num_iterations, 0.0)
+    return 1.0 - it / num_iterations
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Sharded optimizers: nanochat's DistAdamW and DistMuon, which split the optimizer state and its work across ranks.
 
-ZeRO-2 style (spec §2.3, §3.2). Each ``step()`` reduce-scatters the gradients (mean over ranks), applies the
+ZeRO-2 style (nanochat d575940 nanochat/muon.py, nanochat/adamw.py). Each ``step()`` reduce-scatters the gradients (mean
+over ranks), applies the
 single-process math to this rank's share of the parameters only, and all-gathers the updated parameters:
 
 - ``DistAdamW`` shards every parameter by rows (dim 0): each rank keeps 1/W of ``exp_avg`` and ``exp_avg_sq``;
@@ -10,10 +11,11 @@ single-process math to this rank's share of the parameters only, and all-gathers
 They average the gradients themselves, so the model must not also be DDP-wrapped (that would all-reduce every
 gradient a second time): train under ``nanolit.strategies.NoWrapDDPStrategy``. Whatever runs between backward and
 ``step()`` (gradient clipping, grad-norm logging) therefore sees each rank's local, unsynchronised gradient, which
-is what nanochat does (spec §16.1): the clip is per rank, and only one process is identical to unsharded training.
+is what nanochat does (its base_train clips before DistAdamW/DistMuon average): the clip is per rank, and only one
+process is identical to unsharded training.
 
 Checkpoints use torch's ``ZeroRedundancyOptimizer`` protocol, which Lightning's ``Strategy.optimizer_state``
-calls (lightning-notes §3): ``consolidate_state_dict()`` on every rank, then ``state_dict()`` on rank 0 returns the
+calls: ``consolidate_state_dict()`` on every rank, then ``state_dict()`` on rank 0 returns the
 state in the single-process layout (``torch.optim.AdamW`` / ``nanolit.optim.Muon``), on CPU, weights_only-safe.
 ``load_state_dict(full)`` keeps this rank's share. A run can thus resume on another world size, or switch between
 sharded and unsharded optimizers. Plain torch: no Lightning here.
@@ -137,7 +139,7 @@ def _rows_per_rank(p: Tensor, world: int, group: dict) -> int:
 
 
 class DistAdamW(_ShardedState, torch.optim.AdamW):
-    """AdamW with its state sharded by rows across ranks (nanochat's ``DistAdamW``, spec §3.2).
+    """AdamW with its state sharded by rows across ranks (nanochat d575940 nanochat/adamw.py; nanochat's ``DistAdamW``).
 
     A ``torch.optim.AdamW`` in constructor, defaults and ``param_groups``, so a consolidated ``state_dict()`` is a
     ``torch.optim.AdamW`` one (``step`` a float32 CPU scalar as torch keeps it; nanochat keeps an int64). Honours
@@ -152,7 +154,7 @@ class DistAdamW(_ShardedState, torch.optim.AdamW):
 
     eps placement is nanochat's: eps is added to sqrt(v) before the bias correction, whereas torch computes
     ``sqrt(v)/sqrt(1-β2^t) + eps``. nanochat's update is torch's with eps replaced by ``eps/sqrt(1-β2^t)``
-    (4.5x larger at t=1 with β2=0.95). The spec calls this negligible at eps=1e-10; it is, except for gradient
+    (4.5x larger at t=1 with β2=0.95). At eps=1e-10 this is negligible, except for gradient
     entries within a few orders of magnitude of eps, whose Adam-normalised steps then differ by a large factor:
     a d2 GPT with vocab 64 (wte lr 0.49) drifts ~1e-2 from an unsharded run in 4 steps. Same for nanochat.
     """
@@ -174,7 +176,8 @@ class DistAdamW(_ShardedState, torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Reduce-scatter every gradient, update this rank's rows, all-gather the parameters (spec §3.2)."""
+        """Reduce-scatter every gradient, update this rank's rows, all-gather the parameters (nanochat d575940
+        nanochat/adamw.py)."""
         loss = _run_closure(closure)
         world, rank = _world()
         op, divide = _mean_op() if world > 1 else (None, False)
@@ -204,10 +207,12 @@ class DistAdamW(_ShardedState, torch.optim.AdamW):
 
     @staticmethod
     def _update(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
-        """nanochat's AdamW update of ``p`` (this rank's rows) with the rank-mean gradient ``g`` (spec §3.2)."""
+        """nanochat's AdamW update of ``p`` (this rank's rows) with the rank-mean gradient ``g`` (nanochat d575940
+        nanochat/adamw.py)."""
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p)  # the param's dtype: bf16 for nanochat's CUDA wte (spec §3.1)
+            # the param's dtype: bf16 for nanochat's CUDA wte (nanochat d575940 nanochat/adamw.py)
+            state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
         t = state["step"].item()
@@ -247,7 +252,8 @@ class DistAdamW(_ShardedState, torch.optim.AdamW):
 
 
 class DistMuon(_ShardedState, Muon):
-    """Muon with the matrices' work and momentum sharded across ranks (nanochat's ``DistMuon``, spec §2.3).
+    """Muon with the matrices' work and momentum sharded across ranks (nanochat d575940 nanochat/muon.py; nanochat's
+    ``DistMuon``).
 
     A ``nanolit.optim.Muon`` in constructor and ``param_groups`` (one per numel), so a consolidated
     ``state_dict()`` is a ``Muon`` one. For the communication, parameters are grouped by shape (shapes sorted,
@@ -267,7 +273,7 @@ class DistMuon(_ShardedState, Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Reduce-scatter, update the owned matrices, all-gather, chunk by chunk (spec §2.3)."""
+        """Reduce-scatter, update the owned matrices, all-gather, chunk by chunk (nanochat d575940 nanochat/muon.py)."""
         loss = _run_closure(closure)
         world, rank = _world()
         shape_groups = self._shape_groups()
@@ -316,7 +322,7 @@ class DistMuon(_ShardedState, Muon):
             zero = torch.zeros_like(members[0][0])
             for base in range(0, len(members), world):
                 chunk = members[base:base + world]
-                # a missing buffer is a zero one: Muon starts every buffer at zero (spec §2.2)
+                # a missing buffer is a zero one: Muon starts every buffer at zero (nanochat d575940 nanochat/muon.py)
                 mine = self.state.get(chunk[rank][0], {}).get("momentum_buffer", zero) if rank < len(chunk) else zero
                 parts = _gather_to(mine, to, world, rank)
                 if parts is not None:
@@ -340,7 +346,8 @@ def build_sharded_optimizers(
     matrix_lr: float = 0.02,
     weight_decay: float = 0.0,
 ) -> list[torch.optim.Optimizer]:
-    """``build_optimizers`` with ``[DistAdamW, DistMuon]`` in place of ``[AdamW, Muon]`` (nanochat under DDP, §1.13).
+    """``build_optimizers`` with ``[DistAdamW, DistMuon]`` in place of ``[AdamW, Muon]`` (nanochat d575940
+    nanochat/gpt.py; nanochat under DDP).
 
     The same parameters, group order, LRs, ``initial_lr`` and ``name`` as ``nanolit.optim.build_optimizers``
     (which does the split, the LR scaling and the coverage check), so checkpoints move between the two.

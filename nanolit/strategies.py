@@ -1,11 +1,11 @@
-"""``NoWrapDDPStrategy``: Lightning's DDP without the ``DistributedDataParallel`` wrapper (spec §16.2).
+"""``NoWrapDDPStrategy``: Lightning's DDP without the ``DistributedDataParallel`` wrapper.
 
 nanochat has no DDP wrapper: its optimizers average the gradients themselves (reduce-scatter) and shard their
 state (``nanolit.sharded``). Under Lightning's stock DDP every gradient would be all-reduced once more by the
 wrapper, doubling the traffic for nothing. This strategy keeps everything else DDP gives (launchers: popen,
 torchrun, SLURM; the process group; samplers; rank-zero logging and checkpointing) and leaves the LightningModule
 unwrapped, so gradients stay local until the optimizers reduce them; ``block_backward_sync`` becomes a no-op.
-Pattern from lightning-notes §4. DDP's own options (``find_unused_parameters``, comm hooks, ...) do not apply.
+DDP's own options (``find_unused_parameters``, comm hooks, ...) do not apply.
 
 Use it with sharded optimizers: ``--trainer.strategy.class_path=nanolit.strategies.NoWrapDDPStrategy`` (YAML:
 ``strategy: {class_path: nanolit.strategies.NoWrapDDPStrategy}``), or ``--trainer.strategy=ddp_nowrap`` once this
@@ -26,7 +26,7 @@ from nanolit.common import NanolitError
 def broadcast_module_states(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers into every rank, in place: what DDP's constructor guarantees.
 
-    nanolit seeds its init identically on every rank (spec §16.8), so this is a safety net against a rank
+    nanolit seeds its init identically on every rank, as nanochat does, so this is a safety net against a rank
     that started from different weights, which nothing would ever pull back into line afterwards.
     """
     for tensor in (*module.parameters(), *module.buffers()):

@@ -1,7 +1,9 @@
-"""BPE tokenizer: rustbpe trains it, tiktoken runs it; saved in nanochat's on-disk format (spec §9).
+"""BPE tokenizer: rustbpe trains it, tiktoken runs it; saved in nanochat's on-disk format (nanochat d575940
+nanochat/tokenizer.py).
 
 A tokenizer folder holds ``tokenizer.pkl`` (a pickled ``tiktoken.Encoding``, exactly what nanochat writes) and
-``token_bytes.pt`` (int32 [V], bytes per token id, 0 for special tokens; the bpb denominator, §6).
+``token_bytes.pt`` (nanochat d575940 nanochat/loss_eval.py; int32 [V], bytes per token id, 0 for special tokens; the bpb
+denominator).
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ import torch
 
 from nanolit.common import NanolitError, atomic_torch_save, atomic_write, get_base_dir, load_tensors
 
-# §9.1: GPT-4's cl100k pattern, except numbers split in runs of 1-2 digits (not 1-3).
+# nanochat d575940 nanochat/tokenizer.py: GPT-4's cl100k pattern, except numbers split in runs of 1-2 digits (not 1-3).
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-# §9.2: appended after the BPE tokens in this order, so <|bos|> = vocab_size - 9.
+# nanochat d575940 nanochat/tokenizer.py: appended after the BPE tokens in this order, so <|bos|> = vocab_size - 9.
 SPECIAL_TOKENS = [
     "<|bos|>",
     "<|user_start|>",
@@ -41,7 +43,8 @@ _ENCODING_STATE_KEYS = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
 
 
 class Tokenizer:
-    """nanochat's tokenizer wrapper around a ``tiktoken.Encoding`` (§9.3) plus its ``token_bytes`` table (§9.4)."""
+    """nanochat's tokenizer wrapper around a ``tiktoken.Encoding`` plus its ``token_bytes`` table (nanochat d575940
+    scripts/tok_train.py)."""
 
     def __init__(self, enc: tiktoken.Encoding, token_bytes: torch.Tensor | None = None):
         """Wrap ``enc``; ``token_bytes`` defaults to the true byte length of every token."""
@@ -56,7 +59,8 @@ class Tokenizer:
 
     @classmethod
     def train_from_iterator(cls, text_iter: Iterable[str], vocab_size: int) -> "Tokenizer":
-        """Train BPE on ``text_iter``: ``vocab_size - 9`` byte-level tokens, then the 9 special tokens (§9.3)."""
+        """Train BPE on ``text_iter``: ``vocab_size - 9`` byte-level tokens, then the 9 special tokens (nanochat d575940
+        scripts/tok_train.py)."""
         num_bpe = vocab_size - len(SPECIAL_TOKENS)
         if num_bpe < 256:
             raise NanolitError(f"vocab_size {vocab_size} is too small; it must be at least {256 + len(SPECIAL_TOKENS)}")
@@ -79,7 +83,8 @@ class Tokenizer:
     def from_directory(cls, path: str | os.PathLike, token_bytes_rule: str = "saved") -> "Tokenizer":
         """Load ``tokenizer.pkl`` through a restricted unpickler, and the ``token_bytes`` table by ``token_bytes_rule``:
 
-        - ``"saved"``: ``token_bytes.pt`` as saved when present (nanochat's has the §9.4 str round-trip caveat), so
+        - ``"saved"``: ``token_bytes.pt`` as saved when present (nanochat's counts tokens that are not valid UTF-8 alone
+        through a str round trip), so
           bpb stays comparable with the run that wrote it; a folder without one gets the raw byte lengths;
         - ``"raw"``: each token's raw bytes, whatever was saved (nanochat 92d63d4's rule: the 2026 recipe's bpb);
         - ``"str"``: nanochat d575940's rule, through the decoded string (bytes that are not UTF-8 alone count 3).
@@ -120,7 +125,8 @@ class Tokenizer:
     ) -> list[int] | list[list[int]]:
         """Token ids of ``text`` (or of each string in a list), with optional ids around each sequence.
 
-        Special-token strings inside the text are encoded as plain text (``encode_ordinary``, §9.3).
+        Special-token strings inside the text are encoded as plain text (nanochat d575940 scripts/tok_train.py;
+        ``encode_ordinary``).
         """
         prepend_id = self._as_id(prepend)
         append_id = self._as_id(append)
@@ -148,11 +154,11 @@ class Tokenizer:
         return self._special_ids[name]
 
     def get_bos_token_id(self) -> int:
-        """Id of ``<|bos|>``, prepended to every document (§10.2)."""
+        """Id of ``<|bos|>``, prepended to every document (nanochat d575940 nanochat/dataloader.py)."""
         return self.encode_special("<|bos|>")
 
     def get_vocab_size(self) -> int:
-        """Number of token ids, specials included (``enc.n_vocab``, §9.3)."""
+        """Number of token ids, specials included (nanochat d575940 scripts/tok_train.py; ``enc.n_vocab``)."""
         return self.enc.n_vocab
 
     def get_special_tokens(self) -> list[str]:
@@ -164,7 +170,8 @@ class Tokenizer:
         return self.enc.decode([id])
 
     def token_bytes(self) -> torch.Tensor:
-        """int32 [V]: UTF-8 bytes per token id, 0 for special tokens (the bpb denominator, §6)."""
+        """int32 [V]: UTF-8 bytes per token id, 0 for special tokens (nanochat d575940 nanochat/loss_eval.py; the bpb
+        denominator)."""
         return self._token_bytes
 
     def _as_id(self, token: int | str | None) -> int | None:
@@ -180,7 +187,7 @@ def compute_token_bytes(enc: tiktoken.Encoding, rule: str = "raw") -> torch.Tens
     ``"raw"``: the token's raw bytes (nanochat 92d63d4 scripts/tok_train.py, and what nanolit always computed).
     ``"str"``: the UTF-8 length of the token decoded alone (nanochat d575940): a token that is not valid UTF-8 by
     itself (a lone byte >= 0x80, part of a multi-byte character) decodes to U+FFFD and counts 3 bytes per
-    replacement, so such tokens are over-counted (§9.4).
+    replacement, so such tokens are over-counted (nanochat d575940 scripts/tok_train.py).
     """
     if rule not in TOKEN_BYTES_RULES:
         raise NanolitError(f"token_bytes rule {rule!r} is unknown; use one of {', '.join(TOKEN_BYTES_RULES)}")
@@ -258,8 +265,10 @@ def get_tokenizer(base_dir: str | os.PathLike | None = None) -> Tokenizer:
 
 
 def _iter_training_text(data_dir: Path, max_chars: int, doc_cap: int) -> Iterator[str]:
-    """Docs of the train shards (every parquet but the last, §10.1), each cropped to ``doc_cap`` characters;
-    stops after the doc that takes the running total past ``max_chars`` (tok_train's order, §9.3)."""
+    """Docs of the train shards (nanochat d575940 nanochat/dataset.py; every parquet but the last), each cropped to
+    ``doc_cap`` characters;
+    stops after the doc that takes the running total past ``max_chars`` (nanochat d575940 scripts/tok_train.py;
+    tok_train's order)."""
     files = sorted(data_dir.glob("*.parquet")) if data_dir.is_dir() else []
     if len(files) < 2:
         raise NanolitError(
@@ -286,7 +295,7 @@ def train_tokenizer(
 ) -> Tokenizer:
     """tok_train: train on ``<base>/base_data`` train shards, save to ``<base>/tokenizer/`` and return it.
 
-    Defaults are tok_train's (§9.3); the speedrun passes ``max_chars=2_000_000_000``.
+    Defaults are tok_train's (nanochat d575940 scripts/tok_train.py); the speedrun passes ``max_chars=2_000_000_000``.
     """
     base = get_base_dir(base_dir)
     tokenizer = Tokenizer.train_from_iterator(_iter_training_text(base / "base_data", max_chars, doc_cap), vocab_size)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cb_core import make_bundle  # noqa: E402
-from test_cb_toys import Bigram, CharTokenizer, make_batches  # noqa: E402
+from test_cb_toys import Bigram, CharTokenizer, greedy_bigram, make_batches  # noqa: E402
 
 from nanolit.callbacks import (BPBValidation, COREEvaluation, EMALossLogger, PreemptionCheckpoint,  # noqa: E402
                                ReportWriter, RunState, Sampler, StepCheckpoint, StepLine, TokenThroughputMonitor)
@@ -98,13 +98,8 @@ class Toy(L.LightningModule):
         logits = self.model(x)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none")
 
-    @torch.no_grad()
     def generate(self, tokens, max_tokens):
-        out, last = [], tokens[-1]
-        for _ in range(max_tokens):
-            last = int(self.model(torch.tensor([[last]], device=self.device))[0, -1].argmax())
-            out.append(last)
-        return out
+        return greedy_bigram(self.model, tokens, max_tokens, self.device)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)

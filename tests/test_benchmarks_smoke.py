@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end at toy sizes and report consistent numbers (issue 7); no timing asserts."""
+"""The benchmark scripts run end to end at toy sizes and report consistent numbers; no timing asserts."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""Bits per byte (spec §6): hand-computed sums, and nanochat's own val bpb on the d2 fixture."""
+"""Bits per byte (nanochat d575940 nanochat/loss_eval.py): hand-computed sums, and nanochat's own val bpb on the d2
+fixture."""
 from __future__ import annotations
 
 import math
@@ -65,7 +66,8 @@ def test_evaluate_bpb_without_bytes_is_inf_and_short_data_raises():
 
 
 def fixture_val_batches(fixture_dir, tokenizer, B: int, T: int, steps: int):
-    """The val stream as nanochat builds it (spec §10.2): every document with <|bos|> prepended, concatenated,
+    """The val stream as nanochat builds it (nanochat d575940 nanochat/dataloader.py): every document with <|bos|>
+    prepended, concatenated,
     B*T+1 tokens popped per batch."""
     needed = steps * (B * T + 1)
     stream: list[int] = []
@@ -95,10 +97,12 @@ def test_fixture_val_bpb_matches_nanochat(nanochat_d2, expected_d2):
     assert len(batches) == 32
     assert all(torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in zip(batches, reference))
     bpb = evaluate_bpb(model, batches, 32, tokenizer.token_bytes())
-    assert bpb == pytest.approx(expected_d2["val_bpb"], abs=1e-6)  # issue 2: within 1e-6
+    # within 1e-6: the fixture's figure, to the precision it was printed
+    assert bpb == pytest.approx(expected_d2["val_bpb"], abs=1e-6)
 
 
-# Two gloo ranks, each with its own batches: the sums are all-reduced before the division (spec §6).
+# Two gloo ranks, each with its own batches: the sums are all-reduced before the division (nanochat d575940
+# nanochat/loss_eval.py).
 RANK_BATCHES = [
     [(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, 3, -1]]))],
     [(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[2, 1, 1]]))],

@@ -1,4 +1,4 @@
-"""BitsPerByte metric and BPBValidation callback (spec §4.10 step 1, §6)."""
+"""BitsPerByte metric and BPBValidation callback (nanochat d575940 scripts/base_train.py, nanochat/loss_eval.py)."""
 from __future__ import annotations
 
 import copy
@@ -223,7 +223,7 @@ def test_fixture_val_bpb_matches_nanochat(tmp_path, nanochat_d2, expected_d2):
     tokenizer = Tokenizer.from_directory(nanochat_d2 / "tokenizer")
     gpt, _ = build_model(nanochat_d2, 50, "cpu", phase="eval")
     # expected.json's val_bpb_note: 32 batches of B=4, T=256 from the val shard, every document with <|bos|>
-    # prepended, concatenated; each batch takes B*T+1 tokens (spec §10.2).
+    # prepended, concatenated; each batch takes B*T+1 tokens (nanochat d575940 nanochat/dataloader.py).
     B, T, steps = 4, 256, 32
     docs = pq.read_table(nanochat_d2 / "base_data" / "shard_00004.parquet").column("text").to_pylist()
     stream = []

@@ -1,4 +1,5 @@
-"""COREEvaluation: CORE during training (spec §4.10 step 2, §7) on a fake bundle in the real layout."""
+"""COREEvaluation: CORE during training (nanochat d575940 scripts/base_train.py, nanochat/core_eval.py) on a fake bundle
+in the real layout."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
-"""EMALossLogger: nanochat's debiased EMA of the train loss (spec §4.10 step 7, §5.7 step 6)."""
+"""EMALossLogger: nanochat's debiased EMA of the train loss (nanochat d575940 scripts/base_train.py,
+scripts/mid_train.py)."""
 from __future__ import annotations
 
 import csv

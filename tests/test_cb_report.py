@@ -1,4 +1,5 @@
-"""ReportWriter: nanochat-style report.md at the end of fit (spec §4.11-4.12, §12)."""
+"""ReportWriter: nanochat-style report.md at the end of fit (nanochat d575940 scripts/base_train.py,
+nanochat/report.py)."""
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,4 @@
-"""Sampler: greedy samples from fixed prompts (spec §4.10 step 3)."""
+"""Sampler: greedy samples from fixed prompts (nanochat d575940 scripts/base_train.py)."""
 from __future__ import annotations
 
 import pytest

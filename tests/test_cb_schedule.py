@@ -1,4 +1,4 @@
-"""When the evaluation callbacks fire (spec §4.10 steps 1-3): counted calls on a toy run."""
+"""When the evaluation callbacks fire (nanochat d575940 scripts/base_train.py): counted calls on a toy run."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""TokenThroughputMonitor: tokens/s, MFU and training time like nanochat (spec §4.10 steps 6-7, §4.13)."""
+"""TokenThroughputMonitor: tokens/s, MFU and training time like nanochat (nanochat d575940 scripts/base_train.py)."""
 from __future__ import annotations
 
 import csv

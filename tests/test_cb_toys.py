@@ -70,6 +70,16 @@ class Bigram(nn.Module):
         return self.table(idx)
 
 
+@torch.no_grad()
+def greedy_bigram(model: nn.Module, tokens: list[int], max_tokens: int, device) -> list[int]:
+    """Greedy continuation by a bigram model: each token from the previous one alone."""
+    out, last = [], tokens[-1]
+    for _ in range(max_tokens):
+        last = int(model(torch.tensor([[last]], device=device))[0, -1].argmax())
+        out.append(last)
+    return out
+
+
 class ToyModule(L.LightningModule):
     """A bigram language model implementing the callback protocol (automatic optimization, SGD + momentum)."""
 
@@ -104,13 +114,8 @@ class ToyModule(L.LightningModule):
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-1,
                                reduction="none")
 
-    @torch.no_grad()
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
-        out, last = [], tokens[-1]
-        for _ in range(max_tokens):
-            last = int(self.model(torch.tensor([[last]], device=self.device))[0, -1].argmax())
-            out.append(last)
-        return out
+        return greedy_bigram(self.model, tokens, max_tokens, self.device)
 
     def configure_optimizers(self):
         return torch.optim.SGD([{"params": self.parameters(), "name": "bigram"}], lr=self.hparams.lr,
@@ -175,7 +180,8 @@ def make_trainer(root: Path, callbacks: list, max_steps: int, **kwargs) -> L.Tra
 
 
 def reference_bpb(model: nn.Module, batches, token_bytes: torch.Tensor) -> float:
-    """Bits per byte computed token by token in float64, straight from the definition (spec §6)."""
+    """Bits per byte computed token by token in float64, straight from the definition (nanochat d575940
+    nanochat/loss_eval.py)."""
     nats, total_bytes = 0.0, 0
     with torch.no_grad():
         for x, y in batches:

@@ -1,4 +1,5 @@
-"""Chat rendering (spec §5.4), token by token, on a byte-level tokenizer where text ids are its UTF-8 bytes."""
+"""Chat rendering (nanochat d575940 nanochat/tokenizer.py), token by token, on a byte-level tokenizer where text ids are
+its UTF-8 bytes."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ from nanolit.common import NanolitError
 from nanolit.data.chat import render_conversation, render_for_completion
 from nanolit.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-# Byte-level vocab: ids 0-255 are bytes, then the 9 specials in §9.2 order.
+# Byte-level vocab: ids 0-255 are bytes, then the 9 specials in nanochat d575940 nanochat/tokenizer.py order.
 BOS, USER_START, USER_END, ASSISTANT_START, ASSISTANT_END, PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END = range(
     256, 265
 )

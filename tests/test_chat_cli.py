@@ -153,8 +153,10 @@ def spawn(args: list[str]) -> tuple[int, int]:
 
 
 def finish(pid: int, fd: int, buffer: list[str]) -> int:
-    while True:  # drain until the child closes the terminal
-        ready, _, _ = select.select([fd], [], [], 60)
+    # Drain until the child closes the terminal. Closing the terminal first would hang the child up (SIGHUP, -1),
+    # so wait as long as a loaded 2-core machine may take to print and exit (seconds; 300 s is the harness bound).
+    while True:
+        ready, _, _ = select.select([fd], [], [], 300)
         try:
             data = os.read(fd, 4096) if ready else b""
         except OSError:

@@ -148,7 +148,8 @@ def test_newer_architecture_is_refused(fixture_state, fixture_meta, tmp_path):
 
 
 def test_compiled_bf16_padded_checkpoint_loads(fixture_state, fixture_meta, expected_d2, tmp_path):
-    """`_orig_mod.` keys, bf16 wte (a CUDA run) and vocab padded to a multiple of 64 (§14.1) all load on CPU."""
+    """`_orig_mod.` keys, bf16 wte (a CUDA run) and vocab padded to a multiple of 64 (later nanochat commits) all load
+    on CPU."""
     sd = {f"_orig_mod.{k}": v.clone() for k, v in fixture_state.items()}
     sd["_orig_mod.transformer.wte.weight"] = sd["_orig_mod.transformer.wte.weight"].bfloat16()
     save_nanochat_checkpoint(tmp_path / "plain", STEP, sd, None, fixture_meta)

@@ -1,4 +1,5 @@
-"""CORE (spec §7): rendering, few-shot draws, hand-checked scoring with a bigram "model", the real bundle, download."""
+"""CORE (nanochat d575940 nanochat/core_eval.py): rendering, few-shot draws, hand-checked scoring with a bigram "model",
+the real bundle, download."""
 from __future__ import annotations
 
 import http.server
@@ -94,7 +95,7 @@ def meta(task_type: str, num_fewshot: int = 0, delimiter: str = " ", label: str 
 
 
 # -----------------------------------------------------------------------------
-# Rendering (spec §7.4)
+# Rendering (nanochat d575940 nanochat/core_eval.py)
 
 def test_render_mc_with_demo():
     demo = {"query": "Q1", "choices": ["a", "b"], "gold": 1}
@@ -123,7 +124,8 @@ def test_render_lm_trims_contexts_and_strips_prompt_without():
 def test_fewshot_draws_are_reproducible_and_exclude_the_example():
     data = [{"i": i} for i in range(20)]
     draws = sample_fewshot(data, 3, 5)
-    expected = random.Random(1234 + 3).sample([i for i in range(20) if i != 3], 5)  # spec §7.4
+    # nanochat d575940 nanochat/core_eval.py
+    expected = random.Random(1234 + 3).sample([i for i in range(20) if i != 3], 5)
     assert [d["i"] for d in draws] == expected
     assert sample_fewshot(data, 3, 5) == draws
     assert all(d["i"] != 3 for d in draws) and len({d["i"] for d in draws}) == 5
@@ -141,7 +143,7 @@ def test_evaluate_example_puts_the_drawn_demos_in_the_prompt():
 
 
 # -----------------------------------------------------------------------------
-# Token spans, forward, scoring (spec §7.4)
+# Token spans, forward, scoring (nanochat d575940 nanochat/core_eval.py)
 
 def test_find_common_length():
     rows = [[9, 1, 2, 3], [9, 1, 5, 3], [9, 1, 2]]
@@ -362,7 +364,8 @@ def test_write_core_csv(tmp_path):
 # -----------------------------------------------------------------------------
 # The real bundle (18 of 22 tasks, used in place) and the real d2 model
 
-README_TASKS = [  # label, type, shots, delimiter, random baseline: eval_bundle/README.md and spec §7.2
+# label, type, shots, delimiter, random baseline: eval_bundle/README.md and nanochat d575940 nanochat/core_eval.py
+README_TASKS = [
     ("jeopardy", "language_modeling", 10, "\nAnswer: ", 0.0),
     ("bigbench_qa_wikidata", "language_modeling", 10, " ", 0.0),
     ("arc_easy", "multiple_choice", 10, "\nAnswer: ", 25.0),
@@ -419,7 +422,7 @@ def test_real_bundle_end_to_end_with_long_prompts(nanochat_d2, eval_bundle):
 
 
 # -----------------------------------------------------------------------------
-# Download (spec §7.1) from a local HTTP server
+# Download (nanochat d575940 nanochat/core_eval.py) from a local HTTP server
 
 def bundle_zip_bytes(with_folder: bool = True) -> bytes:
     buf = io.BytesIO()
@@ -515,7 +518,7 @@ def test_download_that_is_not_a_zip(tmp_path, zip_server):
 
 
 # -----------------------------------------------------------------------------
-# Two gloo ranks split the examples and sum their results (spec §7.3)
+# Two gloo ranks split the examples and sum their results (nanochat d575940 nanochat/core_eval.py)
 
 def _distributed_worker(rank: int, world: int, store: str, data: list, out_path: str):
     import torch.distributed as dist

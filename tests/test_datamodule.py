@@ -1,4 +1,5 @@
-"""BaseDataModule: setup errors, properties, and exact mid-run resume through Lightning (lightning-notes §3)."""
+"""BaseDataModule: setup errors, properties, and exact mid-run resume through Lightning (Lightning would save the state
+of the batch it already prefetched)."""
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,4 @@
-"""DDP through Lightning on CPU/gloo (issue 6): 2 processes equal 1 with the same total batch, gradients sync only
+"""DDP through Lightning on CPU/gloo: 2 processes equal 1 with the same total batch, gradients sync only
 on the last micro-step, rank zero alone prints and saves, and a 2-node torchrun run trains and checkpoints."""
 from __future__ import annotations
 

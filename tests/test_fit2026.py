@@ -140,3 +140,13 @@ def test_resume_from_nanochats_own_2026_checkpoint(fixture_run, nanochat_2026, m
     assert {int(s) for s in seen["optimizer_steps"] if s is not None} == {50}  # nanochat's moments, not fresh ones
     lrm = logged(root, "train/lrm")
     assert sorted(lrm) == [50, 51] and lrm[50] == pytest.approx(lr_multiplier_2026(50, 52))
+
+
+@pytest.mark.slow
+def test_a_2026_lightning_checkpoint_evaluates_through_the_cli(fixture_run, eval_bundle, tmp_path):
+    """`nanolit eval core` (and every tool that loads a .ckpt) reads a GPT2026Module checkpoint."""
+    out = tmp_path / "core.csv"
+    main(["eval", "core", "--checkpoint", str(fixture_run["root"] / "checkpoints" / "last.ckpt"), "--bundle",
+          str(eval_bundle), "--tasks", "copa", "--max_per_task", "4", "--output", str(out)])
+    rows = [line.split(",")[0].strip() for line in out.read_text().splitlines()]
+    assert rows == ["Task", "copa", "CORE"]

@@ -7,7 +7,7 @@ from collections import defaultdict
 import lightning
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from test_cb_toys import make_trainer, toy_pair
 
@@ -20,6 +20,7 @@ def test_lightning_is_a_checked_version():
         f"Lightning {lightning.__version__} is not among {CHECKED_VERSIONS}: re-read the internals in "
         "nanolit/lightning_adapter.py (and NanoCLI._parse_ckpt_path) against it, then add it")
     assert callable(getattr(LightningCLI, "_parse_ckpt_path", None))  # NanoCLI wraps it
+    assert callable(getattr(RichProgressBar, "_stop_progress", None))  # stop_rich_progress calls it
 
 
 def test_set_max_steps_moves_the_horizon(tmp_path):

@@ -1,4 +1,4 @@
-"""The Lightning 2.6 behaviours nanolit's design works around (lightning-notes.md), pinned by tests.
+"""The Lightning 2.6 behaviours nanolit's design works around, pinned by tests.
 
 If a Lightning upgrade fixes one of them, its test fails and the workaround can go.
 """
@@ -99,7 +99,7 @@ class StatefulData(L.LightningDataModule):
 
 
 def test_lightnings_stateful_loader_resume_skips_a_batch(tmp_path):
-    """lightning-notes §3: the saved loader state is one prefetched batch ahead, so a resume skips a batch.
+    """Lightning 2.6: the saved loader state is one prefetched batch ahead, so a resume skips a batch.
     nanolit's loaders have no state_dict; the DataModule records the state of the batch being consumed."""
     first = Tiny(raw_second=True)
     trainer(max_steps=5, callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=3, save_top_k=-1)]).fit(

@@ -1,4 +1,5 @@
-"""The pretraining token streams (§10.2): nanochat's layout, exact resume, rank striding, background tokenization."""
+"""The pretraining token streams (nanochat d575940 nanochat/dataloader.py): nanochat's layout, exact resume, rank
+striding, background tokenization."""
 from __future__ import annotations
 
 import gc
@@ -185,7 +186,7 @@ def test_val_batches_per_rank(shards, tokenizer):
 
 
 def test_grad_accum_steps():
-    assert grad_accum_steps(524288, 32, 2048, 8) == 1  # d20 on 8 GPUs (§4.4)
+    assert grad_accum_steps(524288, 32, 2048, 8) == 1  # d20 on 8 GPUs (nanochat d575940 scripts/base_train.py)
     assert grad_accum_steps(524288, 32, 2048, 1) == 8
     message = r"total_batch_size=500000 .* 32\*2048\*1 = 65536; use total_batch_size=524288"
     with pytest.raises(NanolitError, match=message):

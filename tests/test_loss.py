@@ -15,7 +15,7 @@ N, D, V = 300, 32, 1000
 
 
 def one_shot(x, w, t, reduction="mean"):
-    """nanochat's head: lm_head, fp32, softcap 15, cross-entropy ignoring -1 (spec §1.8)."""
+    """nanochat's head: lm_head, fp32, softcap 15, cross-entropy ignoring -1 (nanochat d575940 nanochat/gpt.py)."""
     logits = F.linear(x, w).float()
     return F.cross_entropy(15 * torch.tanh(logits / 15), t, ignore_index=-1, reduction=reduction)
 

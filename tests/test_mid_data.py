@@ -1,4 +1,5 @@
-"""The mid-training stream (spec §5.5, §5.7) and MidDataModule: packing, ranks, progress, last_step, exact resume."""
+"""The mid-training stream (nanochat d575940 scripts/mid_train.py) and MidDataModule: packing, ranks, progress,
+last_step, exact resume."""
 from __future__ import annotations
 
 import itertools
@@ -56,7 +57,7 @@ def flat(micro: torch.Tensor) -> list[int]:
 
 
 def nanochat_reference(task, tok, A, num_iterations=-1, rank=0, world_size=1):
-    """nanochat's mid_data_generator and loop, micro-batch by micro-batch (§5.5, §5.7).
+    """nanochat's mid_data_generator and loop, micro-batch by micro-batch (nanochat d575940 scripts/mid_train.py).
 
     Returns, per trained optimizer step, its micro-batches (B*T+1 tokens each) and the progress its LR used.
     """

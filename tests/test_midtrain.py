@@ -1,4 +1,5 @@
-"""MidModule (spec §5): base-model loading, the progress-based LR, the epoch end, exports, masks and dtype checks."""
+"""MidModule (nanochat d575940 scripts/mid_train.py): base-model loading, the progress-based LR, the epoch end, exports,
+masks and dtype checks."""
 from __future__ import annotations
 
 import csv
@@ -140,7 +141,8 @@ def test_lr_follows_epoch_progress_and_the_epoch_ends_the_run(base, tmp_path):
 def test_num_iterations_stops_early(base, tmp_path):
     rec = Recorder()
     module, trainer = fit(base, tmp_path, [rec], data={"num_iterations": 4})
-    # nanochat flags last_step when its loader yields step N, so N - 1 steps train (spec §5.5, §5.7)
+    # nanochat flags last_step when its loader yields step N, so N - 1 steps train (nanochat d575940
+    # scripts/mid_train.py)
     assert trainer.global_step == len(rec.steps) == module.num_iterations == 3
     assert [s["progress"] for s in rec.steps] == pytest.approx([2 / 4, 3 / 4, 4 / 4])  # it / N after the look-ahead
 
@@ -178,7 +180,8 @@ def test_cli_mid_run_exports_nanochat_files(base, tmp_path):
     rows = metrics(root)
     bpb = [(int(r["step"]), float(r["val/bpb"])) for r in rows if r.get("val/bpb")]
     assert [s for s, _ in bpb] == [0, n] and meta["val_bpb"] == pytest.approx(bpb[-1][1])
-    # mid's EMA debias is one step later than base's (spec §5.7 step 6): the first smoothed loss is l0/1.9
+    # mid's EMA debias is one step later than base's (nanochat d575940 scripts/mid_train.py): the first smoothed loss is
+    # l0/1.9
     first = next(r for r in rows if r.get("train/loss"))
     assert float(first["train/loss"]) == pytest.approx(float(first["train/loss_raw"]) * 0.1 / (1 - 0.9 ** 2))
 
@@ -319,7 +322,8 @@ def test_ddp_ranks_stop_together_at_the_first_ranks_epoch_end(tmp_path, monkeypa
     monkeypatch.setattr(tasks.SimpleSpelling, "num_examples", lambda self: 4)
     base = make_base(tmp_path / "base", byte_tokenizer())
     save_base(base, "d2", 2, 1)
-    # with this mixture the two ranks' shares end at different steps: the first to end stops both (§5.7 step 1)
+    # with this mixture the two ranks' shares end at different steps: the first to end stops both (nanochat d575940
+    # scripts/mid_train.py)
     per_rank = [epoch_steps(base, rank=r, world_size=2) for r in range(2)]
     assert per_rank[0] != per_rank[1]
     script = tmp_path / "ddp_mid.py"

@@ -82,7 +82,8 @@ def test_sampling_is_seeded(d2, expected_d2):
     (32, 1_879_048_192, 1.207960e10, 71_680),
 ])
 def test_spec_table(depth, params, flops, iters):
-    """Spec §1.2 table (V=65536, T=2048, ratio 20, batch 524288), built on the meta device."""
+    """nanochat d575940 scripts/base_train.py's table (V=65536, T=2048, ratio 20, batch 524288), built on the meta
+    device."""
     config = GPTConfig.from_depth(depth, vocab_size=65536, sequence_len=2048)
     assert config.n_embd == depth * 64 and config.n_embd // config.n_head == 128
     with torch.device("meta"):

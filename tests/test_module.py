@@ -1,4 +1,5 @@
-"""GPTModule: one training_step == one optimizer step, and the math equals nanochat's loop (spec §4.7-4.10)."""
+"""GPTModule: one training_step == one optimizer step, and the math equals nanochat's loop (nanochat d575940
+scripts/base_train.py)."""
 import copy
 
 import lightning.pytorch as L
@@ -75,7 +76,7 @@ def test_global_step_counts_optimizer_steps_and_horizon_is_max_steps():
 
 
 def reference_run(steps, module_kwargs):
-    """nanochat's loop (spec §4.10 step 6) written out by hand, without Lightning."""
+    """nanochat's loop (nanochat d575940 scripts/base_train.py) written out by hand, without Lightning."""
     hp = dict(depth=2, num_iterations=5, warmup_ratio=0.4, warmdown_ratio=0.4, final_lr_frac=0.1, grad_clip=1.0,
               embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, weight_decay=0.0)
     hp.update(module_kwargs)
@@ -131,7 +132,7 @@ def test_horizon_precedence():
     n, src = resolve_num_iterations(-1, 1e6, 20, 1000, 10.0, 100)
     assert n == round(1e6 / (10.0 * 100)) and src.startswith("target_flops")
     n, src = resolve_num_iterations(-1, -1, 20, 560_988_160, 3.49e9, 524288)
-    assert n == 21_400 and src.startswith("target_param_data_ratio")  # spec §1.2 d20 row
+    assert n == 21_400 and src.startswith("target_param_data_ratio")  # nanochat d575940 scripts/base_train.py d20 row
     with pytest.raises(NanolitError, match="no training horizon"):
         resolve_num_iterations(-1, -1, -1, 1000, 10.0, 100)
 

@@ -1,4 +1,5 @@
-"""Newton-Schulz, Muon and the nanochat optimizer split (spec §1.13, §2.1, §2.2, §3.1)."""
+"""Newton-Schulz, Muon and the nanochat optimizer split (nanochat d575940 nanochat/gpt.py, nanochat/muon.py,
+nanochat/adamw.py)."""
 from __future__ import annotations
 
 import io
@@ -13,13 +14,14 @@ from nanolit.optim import NS_COEFFS, Muon, build_optimizers, zeropower_via_newto
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-# The quintic's band (§2.1): p(x) = ax + bx³ + cx⁵ has a local max p(0.5545) = 1.2024 and a local min
+# The quintic's band (nanochat d575940 nanochat/muon.py): p(x) = ax + bx³ + cx⁵ has a local max p(0.5545) = 1.2024 and a
+# local min
 # p(1.0501) = 0.6818. p is decreasing on [0.5545, 1.0501] and increasing beyond, so p maps [0.6818, 1.1344]
 # into [p(1.0501), p(0.6818)] = [0.6818, 1.1344]: that interval is invariant.
 BAND = (0.6818, 1.1344)
 # bf16 keeps 8 significant bits (0.4% per rounding) and each step rounds a few products: allow 3% either side.
 BF16_SLACK = 0.03
-SPEC_COEFFS = (3.4445, -4.7750, 2.0315)  # §2.1
+SPEC_COEFFS = (3.4445, -4.7750, 2.0315)  # nanochat d575940 nanochat/muon.py
 
 
 def quintic_5(x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +291,7 @@ def test_muon_rejects_bad_input():
 def test_build_optimizers_d20_width_learning_rates():
     model = tiny_model(0, vocab=8, n_embd=1280, n_layer=1, hidden=4)
     adamw, muon = build_optimizers(model)
-    # §1.13 d20 example: scale (1280/768)^-0.5 = 0.774597
+    # nanochat d575940 nanochat/gpt.py d20 example: scale (1280/768)^-0.5 = 0.774597
     assert (1280 / 768) ** -0.5 == pytest.approx(0.774597, abs=1e-6)
     assert [g["name"] for g in adamw.param_groups] == ["lm_head", "wte"]
     assert adamw.param_groups[0]["params"] == [model.lm_head.weight]

@@ -1,4 +1,4 @@
-"""Runs that survive faults (issue 6): SIGTERM/SIGUSR1 save and exit, SLURM requeue, keep-last-k rotation,
+"""Runs that survive faults: SIGTERM/SIGUSR1 save and exit, SLURM requeue, keep-last-k rotation,
 the checkpoint written before CORE and sampling, and a NaN loss that stops the run and keeps the last good file."""
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def test_sigterm_stops_the_cli_run_with_a_checkpoint(tiny_base_dir, tmp_path):
 
 
 def test_checkpoint_is_on_disk_before_core_and_sampling(tiny_base_dir, tmp_path):
-    """nanochat users lost runs to an OOM in CORE (spec §15.2): at steps where they coincide, the save comes first."""
+    """nanochat users lost runs to an OOM in CORE (nanochat's issue tracker): at steps where they coincide, the save
+    comes first."""
     ckpt = tmp_path / "ckpt"
     checkpoint = StepCheckpoint(str(ckpt), save_every=2)
     core = COREEvaluation(bundle_dir=str(make_bundle(tmp_path / "bundle")), core_metric_every=2)

@@ -1,4 +1,4 @@
-"""Exact resume (issue 6): SIGKILL anywhere, even mid-save, then ``--ckpt_path last`` gives bitwise the uninterrupted
+"""Exact resume: SIGKILL anywhere, even mid-save, then ``--ckpt_path last`` gives bitwise the uninterrupted
 run; and resuming a nanochat checkpoint folder (``--resume_from_nanochat``, nanolit/resume.py)."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from nanolit.data.shards import list_parquet_files
 from nanolit.model import GPTConfig
 from nanolit.resume import locate_nanochat_step, resume_from_nanochat
 
-STEPS, SAVE_EVERY = 20, 4  # total_training_time counts steps after 10 (spec §4.10 step 7): resume at 12 tests it
+# total_training_time counts steps after 10 (nanochat d575940 scripts/base_train.py): resume at 12 tests it
+STEPS, SAVE_EVERY = 20, 4
 
 
 def launch(root, name: str, base_dir, callbacks: list, *args: str) -> subprocess.CompletedProcess:
@@ -184,7 +185,8 @@ def test_nanochat_meta_restores_step_optimizers_loop_state_and_data_rule(tiny_ba
     assert start.total_training_time > 0 and start.last_val_bpb == meta["val_bpb"]
     assert same(start.optimizer_states, saved)
     assert same(start.weights, torch.load(source / "model_000004.pt", weights_only=True))
-    # nanochat's rule (spec §10.2) on one rank: start at the row group after the saved one (the next shard's first
+    # nanochat's rule (nanochat d575940 nanochat/dataloader.py) on one rank: start at the row group after the saved one
+    # (the next shard's first
     # if there is none); 2 steps take far fewer tokens than a row group holds, so the run is still in it
     pq_idx, rg_idx = meta["dataloader_state_dict"]["pq_idx"], meta["dataloader_state_dict"]["rg_idx"]
     row_groups = pq.ParquetFile(list_parquet_files(tiny_base_dir / "base_data")[pq_idx]).num_row_groups

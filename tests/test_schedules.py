@@ -1,4 +1,4 @@
-"""Schedules against hand-computed values (spec §4.7, §4.8, §5.6)."""
+"""Schedules against hand-computed values (nanochat d575940 scripts/base_train.py, scripts/mid_train.py)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ from nanolit.schedules import lr_multiplier, mid_lr_multiplier, muon_momentum
 
 
 def test_d20_example():
-    # §4.7: N=21400, warmdown_iters=round(0.2*21400)=4280; constant through it=17120, last step 1/4280
+    # nanochat d575940 scripts/base_train.py: N=21400, warmdown_iters=round(0.2*21400)=4280; constant through it=17120,
+    # last step 1/4280
     n = 21400
     assert lr_multiplier(0, n) == 1.0
     assert lr_multiplier(17120, n) == 1.0

@@ -1,4 +1,5 @@
-"""Sharded optimizers (DistAdamW, DistMuon) and NoWrapDDPStrategy: issue 6, spec §2.3, §3.2, §16.1-16.2.
+"""Sharded optimizers (DistAdamW, DistMuon) and NoWrapDDPStrategy (nanochat d575940 nanochat/muon.py,
+nanochat/adamw.py).
 
 Two gloo processes must take the same steps as one process given the rank-mean gradient, checkpoints must
 consolidate into the single-process layout and load on any world size, sharded or not, and a Lightning fit on

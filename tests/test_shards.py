@@ -1,4 +1,5 @@
-"""Shards on disk: listing and splitting, downloading from a local HTTP server, building from local text (§10.1)."""
+"""Shards on disk: listing and splitting, downloading from a local HTTP server, building from local text (nanochat
+d575940 nanochat/dataset.py)."""
 from __future__ import annotations
 
 import http.server

@@ -1,4 +1,5 @@
-"""Mid-training tasks (spec §5.3): each source's real schema from local files, rendering, shuffles, the mixture."""
+"""Mid-training tasks (nanochat d575940 scripts/mid_train.py): each source's real schema from local files, rendering,
+shuffles, the mixture."""
 from __future__ import annotations
 
 import json

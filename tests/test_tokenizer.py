@@ -1,4 +1,5 @@
-"""Tokenizer: nanochat's fixture tokenizer loads safely and encodes like nanochat; training and saving (spec §9)."""
+"""Tokenizer: nanochat's fixture tokenizer loads safely and encodes like nanochat; training and saving (nanochat d575940
+nanochat/tokenizer.py)."""
 from __future__ import annotations
 
 import os
@@ -66,7 +67,8 @@ def test_fixture_token_bytes_used_as_saved(fixture_tok, nanochat_d2):
     tb = fixture_tok.token_bytes()
     assert tb.dtype == torch.int32 and tb.shape == (4096,)
     assert torch.equal(tb, saved)
-    # nanochat's str round trip counts the lone byte 0x80 (id 128) as U+FFFD = 3 bytes (§9.4 caveat): kept as is.
+    # nanochat's str round trip counts the lone byte 0x80 (id 128) as U+FFFD = 3 bytes (nanochat d575940
+    # scripts/tok_train.py; caveat): kept as is.
     assert tb[128].item() == 3
 
 

@@ -1,20 +1,24 @@
-"""Chat rendering: a conversation becomes token ids plus a training mask, with nanochat's special tokens (spec §5.4).
+"""Chat rendering: a conversation becomes token ids plus a training mask, with nanochat's special tokens (nanochat
+d575940 nanochat/tokenizer.py).
 
 A conversation is ``{"messages": [{"role": ..., "content": ...}, ...]}``. Roles alternate user, assistant, user, ...
 after an optional leading system message. User content is a string; assistant content is a string or a list of
 parts ``{"type": "text" | "python" | "python_output", "text": str}`` (tool calls and their results).
 
 The mask is 1 on tokens the assistant is trained to produce and 0 elsewhere (user turns, tool outputs, BOS and
-``<|assistant_start|>``). nanochat's mid-training ignores it (§5.4); ``MidDataModule(mask_user_tokens=True)`` uses it.
+``<|assistant_start|>``). nanochat's mid-training ignores it (nanochat d575940 nanochat/tokenizer.py);
+``MidDataModule(mask_user_tokens=True)`` uses it.
 """
 from __future__ import annotations
 
 from nanolit.common import NanolitError
 
-# §5.4: renders are cut to this many tokens (nanochat's default, also used by mid_train).
+# nanochat d575940 nanochat/tokenizer.py: renders are cut to this many tokens (nanochat's default, also used by
+# mid_train).
 MAX_TOKENS = 2048
 
-# Part type -> (opening special token, closing special token, mask). §5.4: the model writes text and python
+# Part type -> (opening special token, closing special token, mask). nanochat d575940 nanochat/tokenizer.py: the model
+# writes text and python
 # calls (mask 1); the tool's output is given to it (mask 0).
 _PART_TOKENS = {
     "text": (None, None, 1),
@@ -72,7 +76,7 @@ def render_conversation(
 
 def render_for_completion(tokenizer, conversation: dict, where: str | None = None) -> list[int]:
     """Prompt ids for sampling the assistant's reply: the conversation minus its last (assistant) message,
-    rendered, then ``<|assistant_start|>`` (§9.3)."""
+    rendered, then ``<|assistant_start|>`` (nanochat d575940 scripts/tok_train.py)."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         raise _error(where, "the last message must be the assistant's (it is the one to be completed)")
@@ -81,7 +85,8 @@ def render_for_completion(tokenizer, conversation: dict, where: str | None = Non
 
 
 def _chat_messages(conversation: dict, where: str | None) -> list[dict]:
-    """The messages to render: a leading system message merged into the first user message (§5.4), roles checked."""
+    """The messages to render: a leading system message merged into the first user message (nanochat d575940
+    nanochat/tokenizer.py), roles checked."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
         raise _error(where, 'no messages; expected {"messages": [{"role": ..., "content": ...}, ...]}')

@@ -28,18 +28,24 @@ def pydoc_topics() -> Iterator[str]:
         yield topics[name].strip()
 
 
-def stdlib_docstrings(stdlib: Path | None = None) -> Iterator[str]:
-    """One document per stdlib source file: its module, class and function docstrings joined by blank lines."""
+def stdlib_trees(pattern: str = "**/*.py", stdlib: Path | None = None) -> Iterator[tuple[Path, ast.Module]]:
+    """``(path, syntax tree)`` of the stdlib's sources matching ``pattern``, read with ``ast`` (nothing is imported or
+    run); tests, site-packages and files that do not parse are skipped."""
     stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
+    for path in sorted(stdlib.glob(pattern)):
         if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # invalid escape sequences in old sources
-                tree = ast.parse(path.read_text(encoding="utf-8"))
+                yield path, ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
+
+
+def stdlib_docstrings(stdlib: Path | None = None) -> Iterator[str]:
+    """One document per stdlib source file: its module, class and function docstrings joined by blank lines."""
+    for _, tree in stdlib_trees(stdlib=stdlib):
         nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
         docs = [d.strip() for n in nodes if (d := ast.get_docstring(n))]
         text = "\n\n".join(docs)

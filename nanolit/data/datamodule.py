@@ -1,9 +1,10 @@
-"""``BaseDataModule``: pretraining shards and tokenizer from a nanochat base dir, exactly resumable (spec §4.6, §10).
+"""``BaseDataModule``: pretraining shards and tokenizer from a nanochat base dir, exactly resumable (nanochat d575940
+scripts/base_train.py, nanochat/dataloader.py).
 
 Each training batch is one optimizer step, ``tokens [A, B, T+1]`` with ``A = grad_accum_steps``. The loader yields
 ``(tokens, state)``; the state of the step the model actually consumed is recorded in ``on_before_batch_transfer`` and
 saved through ``state_dict()``. Lightning's own stateful-loader support would save the state of the batch it has
-already prefetched and skip one step on resume (lightning-notes §3), so the returned loader has no ``state_dict``.
+already prefetched and skip one step on resume, so the returned loader has no ``state_dict``.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class _TrainSteps:
 class BaseDataModule(L.LightningDataModule):
     """Pretraining data from ``<base_dir>/base_data/*.parquet`` (last file = val) and ``<base_dir>/tokenizer``.
 
-    Argument names and defaults are base_train's (§4.1). ``total_batch_size`` is tokens per optimizer step over
+    Argument names and defaults are base_train's (nanochat d575940 scripts/base_train.py). ``total_batch_size`` is
+    tokens per optimizer step over
     all ranks; ``eval_tokens`` is how many val tokens the bpb evaluation scores.
     """
 
@@ -112,7 +114,8 @@ class BaseDataModule(L.LightningDataModule):
 
     @property
     def token_bytes(self) -> torch.Tensor:
-        """int32 [V]: bytes per token id (0 for special tokens), the bpb denominator (§6)."""
+        """int32 [V]: bytes per token id (0 for special tokens), the bpb denominator (nanochat d575940
+        nanochat/loss_eval.py)."""
         return self.tokenizer.token_bytes()
 
     @property
@@ -126,7 +129,8 @@ class BaseDataModule(L.LightningDataModule):
         return _TrainSteps(self)
 
     def val_dataloader(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed val batches ``(x [B, T], y [B, T])`` this rank scores at every eval (built once, §4.6)."""
+        """The fixed val batches ``(x [B, T], y [B, T])`` this rank scores at every eval (nanochat d575940
+        scripts/base_train.py; built once)."""
         if self._val is None:
             self.setup()
             rank, world_size = self._rank_and_world()
@@ -188,12 +192,17 @@ class BaseDataModule(L.LightningDataModule):
         if not saved:
             return
         rank, world_size = self._rank_and_world()
-        self._consumed, exact = resume_state_for_rank(saved, rank, world_size)
+        self._consumed, exact = self.resume_rule(saved, rank, world_size)
         if not exact:
             rank_zero_warn(
-                f"the checkpoint's data position was saved by {len(saved)} rank(s) and this run has {world_size}; "
-                "resuming at the next row-group stride (nanochat's rule), which skips some documents"
+                f"the checkpoint's data position was saved by {len(saved)} rank(s) (or by nanochat) and this run has "
+                f"{world_size}; resuming by nanochat's rule (the next row-group stride), which skips some documents"
             )
+
+    @staticmethod
+    def resume_rule(saved: list[dict], rank: int, world_size: int) -> tuple[dict, bool]:
+        """``(this rank's start state, exact?)`` from the states the checkpoint holds, one per rank."""
+        return resume_state_for_rank(saved, rank, world_size)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -251,12 +260,6 @@ class BestFitDataModule(BaseDataModule):
             pin_memory=on_cuda)
         return self._stream
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("train_loader")
-        if not saved:
-            return
-        rank, world_size = self._rank_and_world()
-        self._consumed, exact = bestfit_resume_state(saved, rank, world_size)
-        if not exact:
-            rank_zero_warn(f"the checkpoint's data position was saved by {len(saved)} rank(s) (or by nanochat) and "
-                           f"this run has {world_size}; resuming by nanochat's rule, which skips some documents")
+    @staticmethod
+    def resume_rule(saved: list[dict], rank: int, world_size: int) -> tuple[dict, bool]:
+        return bestfit_resume_state(saved, rank, world_size)

@@ -1,11 +1,13 @@
-"""Pretraining token streams: the training stream with exact resume, and the fixed validation batches (spec §10.2).
+"""Pretraining token streams: the training stream with exact resume, and the fixed validation batches (nanochat d575940
+nanochat/dataloader.py).
 
 The document stream is nanochat's: each rank reads row groups ``rank, rank + W, ...`` of every shard in order,
 documents are tokenized with ``<|bos|>`` prepended and concatenated (no EOS, no masks), and after the last shard it
 starts over (a new epoch). Each micro-batch pops ``B*T + 1`` tokens: inputs are the first ``B*T``, targets the last
 ``B*T``, so one token per micro-batch is consumed without ever being an input.
 
-nanolit changes (§10.2 is only approximately resumable): one item is a whole optimizer step, and its state names the
+nanolit changes (nanochat d575940 nanochat/dataloader.py resumes only approximately): one item is a whole optimizer
+step, and its state names the
 exact position of the next unconsumed token, so a fresh stream started from it yields exactly the following steps.
 """
 from __future__ import annotations
@@ -57,7 +59,8 @@ def resume_state_for_rank(saved: list[dict], rank: int, world_size: int) -> tupl
     """``(this rank's start state, exact?)`` from the per-rank train loader states saved in a checkpoint.
 
     Exact when the checkpoint holds one nanolit state per rank of the same world size. Otherwise (another world
-    size, or nanochat's ``{pq_idx, rg_idx}``) it falls back to nanochat's approximate rule (§10.2): skip ahead to the
+    size, or nanochat's ``{pq_idx, rg_idx}``) it falls back to nanochat's approximate rule (nanochat d575940
+    nanochat/dataloader.py): skip ahead to the
     next full stride of row groups after rank 0's, ``rg = (rg_idx // W + 1) * W + rank``.
     """
     if len(saved) == world_size and all(set(STATE_KEYS) <= set(s) for s in saved):
@@ -309,7 +312,7 @@ def val_batches(
     tokenizer_batch_size: int = 128,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``eval_tokens // (B*T*W)`` batches ``(x [B, T], y [B, T])`` of the val stream: the same every call,
-    like nanochat's val loader rebuilt fresh at each eval (§4.6)."""
+    like nanochat's val loader rebuilt fresh at each eval (nanochat d575940 scripts/base_train.py)."""
     steps = eval_tokens // (B * T * world_size)
     if steps < 1:
         raise NanolitError(

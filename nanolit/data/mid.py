@@ -1,7 +1,9 @@
-"""Mid-training data: the task mixture's conversations rendered and packed into optimizer steps (spec §5.5), and
+"""Mid-training data: the task mixture's conversations rendered and packed into optimizer steps (nanochat d575940
+scripts/mid_train.py), and
 ``MidDataModule``.
 
-The stream is nanochat's: rank r renders conversations ``r, r + W, r + 2W, ...`` of the mixture (BOS first, §5.4)
+The stream is nanochat's: rank r renders conversations ``r, r + W, r + 2W, ...`` of the mixture (nanochat d575940
+nanochat/tokenizer.py; BOS first)
 and appends them to one token buffer, so conversations pack across rows and batches; each micro-batch pops
 ``B*T + 1`` tokens. Passing the end of the mixture wraps the cursor and, on train, ends the epoch.
 
@@ -10,14 +12,15 @@ by one token, and ``state`` resumes the stream exactly. Two nanochat facts about
 
 * ``last_step``: nanochat checks its ``last_step`` flag before training the micro-batch it has prefetched, so a
   step whose first micro-batch passed the end of the mixture (or whose index reached ``num_iterations``) is not
-  trained: it is the signal to evaluate, save and stop (§5.7).
+  trained: it is the signal to evaluate, save and stop (nanochat d575940 scripts/mid_train.py).
 * ``progress``: nanochat updates progress after each prefetch, so the LR of a step uses the progress measured after
   fetching the next step's first micro-batch; the stream looks that far ahead to give exactly that number.
 
 nanolit counts ``it`` and ``num_iterations`` in optimizer steps; nanochat counts micro-batches, which is the same
 with one micro-batch per step (the d20 speedrun).
 
-With ``mask_user_tokens`` a token the §5.4 mask does not train on is stored as ``~id`` (negative) in ``tokens``;
+With ``mask_user_tokens`` a token that the mask of nanochat's render_conversation does not train on is stored as ``~id``
+(negative) in ``tokens``;
 :func:`inputs_and_targets` turns a micro-batch into ``(x, y)`` with such targets set to -1 (ignored by the loss).
 """
 from __future__ import annotations
@@ -47,7 +50,8 @@ def inputs_and_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 class _Packer:
-    """One rank's packed conversation stream (§5.5), one micro-batch (``B*T + 1`` tokens) per :meth:`fetch`."""
+    """One rank's packed conversation stream (nanochat d575940 scripts/mid_train.py), one micro-batch (``B*T + 1``
+    tokens) per :meth:`fetch`."""
 
     def __init__(
         self,
@@ -94,7 +98,7 @@ class _Packer:
             self.wrapped = self.wrapped or self.train
 
     def fetch(self) -> tuple[list[int], list[int]]:
-        """The next ``needed`` tokens and their §5.4 mask ([] when not masking)."""
+        """The next ``needed`` tokens and their render_conversation mask ([] when not masking)."""
         while len(self.ids) < self.needed:
             ids, mask = render_conversation(
                 self.tokenizer, self.dataset[self.cursor], where=self.dataset.where(self.cursor)
@@ -105,12 +109,14 @@ class _Packer:
             self.cursor += self.world_size
             if self.cursor >= self.size:
                 self.cursor -= self.size
-                self.wrapped = self.wrapped or self.train  # §5.5: only the train split ends its epoch
+                # nanochat d575940 scripts/mid_train.py: only the train split ends its epoch
+                self.wrapped = self.wrapped or self.train
         ids, self.ids = self.ids[: self.needed], self.ids[self.needed :]
         mask, self.mask = self.mask[: self.needed], self.mask[self.needed :]
         self.micro += 1
         if self.train:
-            # §5.5: by iterations when a horizon is set, else by position in the mixture; the trainer keeps the max.
+            # nanochat d575940 scripts/mid_train.py: by iterations when a horizon is set, else by position in the
+            # mixture; the trainer keeps the max.
             if self.progress_horizon > 0:
                 approx = self.micro / self.progress_horizon
             else:
@@ -152,8 +158,10 @@ def mid_train_steps(
 ) -> Iterator[tuple[torch.Tensor, dict]]:
     """Forever: ``(tokens [A, B, T+1] int64, state)``, one optimizer step of the train mixture per item.
 
-    ``state`` holds ``it`` (steps yielded so far, this one included), ``progress`` (for this step's LR, §5.6),
-    ``last_step`` (do not train this step: the epoch or ``num_iterations`` is done, §5.7) and the resume fields
+    ``state`` holds ``it`` (steps yielded so far, this one included), ``progress`` (nanochat d575940
+    scripts/mid_train.py; for this step's LR),
+    ``last_step`` (nanochat d575940 scripts/mid_train.py; do not train this step: the epoch or ``num_iterations`` is
+    done) and the resume fields
     ``cursor``, ``wrapped``, ``buffer``, ``buffer_mask``; passed back as ``resume_state`` it continues exactly.
     """
     A = grad_accum_steps
@@ -185,7 +193,7 @@ def mid_val_batches(
     mask_user_tokens: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``eval_tokens // (B*T*W)`` val batches ``(x [B, T], y [B, T])``: the same at every eval, like
-    nanochat's val generator built afresh each time (§5.7)."""
+    nanochat's val generator built afresh each time (nanochat d575940 scripts/mid_train.py)."""
     steps = eval_tokens // (B * T * world_size)
     if steps < 1:
         raise NanolitError(
@@ -201,17 +209,21 @@ def mid_val_batches(
 
 
 class MidDataModule(BaseDataModule):
-    """nanochat's mid-training data (§5.3-5.5) from a base dir: ``tokenizer/``, ``mid_data/`` and the two files
+    """nanochat's mid-training data (nanochat d575940 scripts/mid_train.py) from a base dir: ``tokenizer/``,
+    ``mid_data/`` and the two files
     named in :mod:`nanolit.data.tasks`. Batches, resume and bpb inputs work as in :class:`BaseDataModule`.
 
     ``progress`` and ``last_step`` describe the step the model is consuming (set as each batch arrives): the mid
-    LR schedule reads ``progress``, and a batch with ``last_step`` is not trained but ends the run (§5.7).
+    LR schedule reads ``progress``, and a batch with ``last_step`` is not trained but ends the run (nanochat d575940
+    scripts/mid_train.py).
 
     Args:
         base_dir: nanochat-layout base directory (see :func:`nanolit.common.get_base_dir`).
-        device_batch_size, max_seq_len, total_batch_size, eval_tokens: mid_train's knobs (§5.1).
+        device_batch_size, max_seq_len, total_batch_size, eval_tokens: mid_train's knobs (nanochat d575940
+        scripts/mid_train.py).
         num_iterations: stop after this many steps; -1 runs one epoch of the mixture.
-        mask_user_tokens: train only on the assistant's tokens (§5.4 mask); nanochat trains on all (False).
+        mask_user_tokens: train only on the assistant's tokens (render_conversation's mask); nanochat trains on all
+        (False).
     """
 
     def __init__(

@@ -7,7 +7,9 @@ every file nanochat's mid mixture reads (the layout of :mod:`nanolit.data.tasks`
 * MMLU (question, subject, choices, answer): which stdlib module defines a function, among four;
 * GSM8K (question, answer with ``<<expr=result>>`` calculator spans and ``#### result``): small arithmetic stories;
 * the identity conversations: who the model is;
-* a word list for the spelling tasks: the words of those docstrings.
+* a word list for the spelling tasks: the words of those docstrings;
+* ARC (question, choices {text, label}, answerKey), for SFT and chat evaluation: ARC-Easy asks what a function does
+  (its docstring among four), ARC-Challenge which function a docstring describes.
 
 Docstrings are read from the stdlib's sources with ``ast`` (nothing is imported or run), and every random choice
 uses a seeded ``random.Random``, so the same Python gives the same files.
@@ -18,11 +20,10 @@ import ast
 import json
 import random
 import re
-import sysconfig
-import warnings
 from pathlib import Path
 
 from nanolit.common import NanolitError, atomic_write
+from nanolit.data.corpus import stdlib_trees
 from nanolit.data.tasks import IDENTITY_FILE, WORDS_FILE, task_folder
 
 SEED = 1234
@@ -31,16 +32,9 @@ TEST_FRACTION = 0.1
 
 def stdlib_functions(stdlib: Path | None = None) -> list[tuple[str, str, str]]:
     """``(module, function, first docstring paragraph)`` of the stdlib's public top-level functions."""
-    stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
     found = []
-    for path in sorted(stdlib.glob("*.py")):  # top-level modules: short, well-known names
+    for path, tree in stdlib_trees("*.py", stdlib):  # top-level modules: short, well-known names
         if path.stem.startswith("_") or path.stem in ("this", "antigravity"):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # invalid escape sequences in old sources
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
@@ -71,6 +65,26 @@ def mmlu_rows(functions: list[tuple[str, str, str]], rng: random.Random) -> list
         rng.shuffle(choices)
         rows.append({"question": f"Which module of the Python standard library defines the function `{name}`?",
                      "subject": "computer_science", "choices": choices, "answer": choices.index(module)})
+    return rows
+
+
+def arc_rows(functions: list[tuple[str, str, str]], rng: random.Random, challenge: bool) -> list[dict]:
+    """Four-way questions in allenai/ai2_arc's schema; the three wrong choices are other functions'."""
+    rows = []
+    for i, (module, name, doc) in enumerate(functions):
+        others = rng.sample([f for f in functions if f[1] != name], 3)
+        options = others + [(module, name, doc)]
+        rng.shuffle(options)
+        if challenge:
+            question = f"Which Python function is described as follows: {doc}"
+            texts = [f"{m}.{f}" for m, f, _ in options]
+        else:
+            question = f"What does the Python function `{module}.{name}` do?"
+            texts = [d for _, _, d in options]
+        labels = ["A", "B", "C", "D"]
+        rows.append({"id": f"{'challenge' if challenge else 'easy'}-{i}", "question": question,
+                     "choices": {"text": texts, "label": labels},
+                     "answerKey": labels[[f for _, f, _ in options].index(name)]})
     return rows
 
 
@@ -134,8 +148,12 @@ def write_offline_chat_data(base_dir: str | Path, gsm8k_examples: int = 2000) ->
     vocabulary = words(functions)
     with atomic_write(base / WORDS_FILE) as tmp:
         tmp.write_text("".join(w + "\r\n" for w in vocabulary), encoding="utf-8")  # dwyl's file has CRLF endings
+    # ARC takes its random draws last, so every file above is the same with or without it
+    for subset, challenge in (("ARC-Easy", False), ("ARC-Challenge", True)):
+        _write_jsonl(task_folder(base, subset) / "train.jsonl", arc_rows(train, rng, challenge))
+        _write_jsonl(task_folder(base, subset) / "test.jsonl", arc_rows(test, rng, challenge))
     return {"smoltalk": len(smol_train) + len(smol_test), "mmlu": len(functions), "gsm8k": gsm8k_examples,
-            "identity": len(IDENTITY), "words": len(vocabulary)}
+            "identity": len(IDENTITY), "words": len(vocabulary), "arc": 2 * len(functions)}
 
 
 __all__ = ["write_offline_chat_data"]

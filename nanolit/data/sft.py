@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from nanolit.common import NanolitError
-from nanolit.data.chat import render_conversation
+from nanolit.data.chat import MAX_TOKENS, render_conversation
 from nanolit.data.tasks import (
     ARC, GSM8K, IDENTITY_FILE, IDENTITY_URL, WORDS_FILE, WORDS_URL, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee,
     Task, TaskMixture, _require, task_folder,
@@ -68,17 +68,28 @@ def collate_sft(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tup
     return inputs, targets
 
 
-def sft_batches(dataset: Task, tokenizer, batch_size: int = DEVICE_BATCH_SIZE, rank: int = 0, world_size: int = 1
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sft_batches(dataset: Task, tokenizer, batch_size: int = DEVICE_BATCH_SIZE, rank: int = 0, world_size: int = 1,
+                start: int = 0, max_tokens: int = MAX_TOKENS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``batch_size`` conversations forever: rank r renders examples ``r, r + W, ...`` of each epoch in
-    order, and a batch left unfinished at the end of an epoch is completed from the next, as chat_sft's generator."""
+    order, and a batch left unfinished at the end of an epoch is completed from the next, as chat_sft's generator.
+
+    ``start``: how many of this rank's examples were consumed already (a resumed run), skipped without rendering;
+    ``max_tokens``: where a conversation is cut.
+    """
     if batch_size < 1 or len(dataset) < 1:
         raise NanolitError(f"need batch_size >= 1 and a non-empty dataset, got {batch_size} and {len(dataset)} rows")
+    if len(dataset) <= rank:
+        raise NanolitError(f"the dataset has {len(dataset)} conversations, fewer than the {world_size} ranks; add "
+                           "data or use fewer devices")
     pad = tokenizer.encode_special("<|assistant_end|>")  # padded positions are masked out of the loss
     batch = []
+    skip = start % len(range(rank, len(dataset), world_size))  # whole epochs of this rank's share need no skipping
     while True:
         for i in range(rank, len(dataset), world_size):
-            batch.append(render_conversation(tokenizer, dataset[i], where=dataset.where(i)))
+            if skip:
+                skip -= 1
+                continue
+            batch.append(render_conversation(tokenizer, dataset[i], max_tokens, where=dataset.where(i)))
             if len(batch) == batch_size:
                 yield collate_sft(batch, pad)
                 batch = []

@@ -1,4 +1,5 @@
-"""Pretraining shards on disk: nanochat's parquet layout, downloading it, building it from local text (spec §10.1).
+"""Pretraining shards on disk: nanochat's parquet layout, downloading it, building it from local text (nanochat d575940
+nanochat/dataset.py).
 
 A shard is a parquet file with one string column ``text`` (one document per row), row groups of 1024 documents,
 zstd. Files sort by name; the last one is the validation split, every other one is training data.
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from nanolit.common import NanolitError, atomic_write, download_file
 
-# §10.1: karpathy/fineweb-edu-100b-shuffle on the Hugging Face hub, shards 0..1822.
+# nanochat d575940 nanochat/dataset.py: karpathy/fineweb-edu-100b-shuffle on the Hugging Face hub, shards 0..1822.
 DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822
 DATA_DIR = "base_data"
@@ -50,7 +51,8 @@ def data_dir_2026(base_dir: str | os.PathLike) -> Path:
 
 
 def train_val_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(train files, [val file]): the last file is the validation shard, all the others train (§10.1)."""
+    """(train files, [val file]): the last file is the validation shard, all the others train (nanochat d575940
+    nanochat/dataset.py)."""
     if len(files) < 2:
         where = f" in {files[0].parent}" if files else ""
         raise NanolitError(
@@ -101,7 +103,8 @@ def iter_row_groups(
 ) -> Iterator[tuple[int, int, list[str]]]:
     """One pass over this rank's row groups, from ``start = (pq_idx, rg_idx)``: yields ``(pq_idx, rg_idx, texts)``.
 
-    Ranks stride the row groups of every file, ``rg = rank, rank + W, ...`` (§10.2); ``start``'s ``rg_idx`` must be one
+    Ranks stride the row groups of every file, ``rg = rank, rank + W, ...`` (nanochat d575940 nanochat/dataloader.py);
+    ``start``'s ``rg_idx`` must be one
     of this rank's. A start past a file's last row group just moves on to the next file.
     """
     pq_start, rg_start = start
@@ -131,7 +134,8 @@ def download_shards(
     """Download shards ``0..num_shards-1`` (``-1``: all ``max_shard + 1``) into ``data_dir`` in parallel; returns their
     paths. ClimbMix (the 2026 corpus): ``base_url=CLIMBMIX_URL, max_shard=CLIMBMIX_MAX_SHARD``.
 
-    Like ``nanochat.dataset`` (§10.1): files already present are skipped, each download goes to a temporary file
+    Like ``nanochat.dataset`` (nanochat d575940 nanochat/dataset.py): files already present are skipped, each download
+    goes to a temporary file
     renamed on success, and a failed one is retried up to ``attempts`` times, waiting ``backoff * 2**attempt`` s
     between tries. ``on_done(path)`` is called as each shard becomes available (for progress display).
     """
@@ -193,7 +197,8 @@ def write_shards_from_text(
     Split rule: the validation shard (the last file) gets the corpus's final documents, as many as it takes to reach
     ``val_fraction`` of all characters, capped at ``chars_per_shard``, and at least one document. The documents
     before them fill training shards, each closed once it holds ``chars_per_shard`` characters and a multiple of
-    ``row_group_size`` documents (nanochat's rule, §10.1); the last training shard takes the remainder. So any corpus
+    ``row_group_size`` documents (nanochat d575940 nanochat/dataset.py; nanochat's rule); the last training shard takes
+    the remainder. So any corpus
     of 2 or more documents gives at least one training shard and the validation shard.
     Parquet settings are nanochat's: single column ``text``, zstd level 3, no dictionary, no statistics.
     """
@@ -231,7 +236,7 @@ def _number_shards(
 
 
 def _write_shard(path: Path, docs: Iterator[str], row_group_size: int) -> None:
-    """One parquet shard with nanochat's settings (§10.1), written atomically."""
+    """One parquet shard with nanochat's settings (nanochat d575940 nanochat/dataset.py), written atomically."""
     with atomic_write(path) as tmp, pq.ParquetWriter(
         tmp, pa.schema([("text", pa.string())]),
         compression="zstd", compression_level=3, use_dictionary=False, write_statistics=False,

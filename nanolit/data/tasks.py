@@ -1,4 +1,5 @@
-"""Chat tasks: conversations built from each source's real schema, and nanochat's mid-training mixture (spec §5.3).
+"""Chat tasks: conversations built from each source's real schema, and nanochat's mid-training mixture (nanochat d575940
+scripts/mid_train.py).
 
 The same tasks feed mid-training, SFT (:mod:`nanolit.data.sft`) and the chat evaluation (:mod:`nanolit.eval.chat`).
 
@@ -47,8 +48,11 @@ import pyarrow.parquet as pq
 
 from nanolit.common import NanolitError
 
-SHUFFLE_SEED = 42  # §5.3: hub datasets .shuffle(seed=42); TaskMixture and SimpleSpelling use random.Random(42)
-TEST_SEED_OFFSET = 10_000_000  # §5.3: the spelling tasks' test examples draw from Random(index + this)
+# nanochat d575940 scripts/mid_train.py: hub datasets .shuffle(seed=42); TaskMixture and SimpleSpelling use
+# random.Random(42)
+SHUFFLE_SEED = 42
+# nanochat d575940 scripts/mid_train.py: the spelling tasks' test examples draw from Random(index + this)
+TEST_SEED_OFFSET = 10_000_000
 MID_DATA_DIR = "mid_data"
 IDENTITY_FILE = "identity_conversations.jsonl"
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
@@ -114,7 +118,8 @@ class Task(ABC):
 
 class TaskMixture(Task):
     """All conversations of ``tasks`` in one deterministic order: the (task, local index) map shuffled with
-    ``random.Random(42)`` (§5.3). Passing a task twice takes it twice (identity conversations in mid_train)."""
+    ``random.Random(42)`` (nanochat d575940 scripts/mid_train.py). Passing a task twice takes it twice (identity
+    conversations in mid_train)."""
 
     def __init__(self, tasks: Sequence[Task], start: int = 0, stop: int | None = None, step: int = 1):
         super().__init__(start, stop, step)
@@ -321,7 +326,8 @@ class _SubsetTask(_HubTask):
 
 
 class SmolTalk(_HubTask):
-    """HuggingFaceTB/smol-smoltalk conversations (about 460K train, 24K test; §5.3), used as they are."""
+    """HuggingFaceTB/smol-smoltalk conversations (nanochat d575940 scripts/mid_train.py; about 460K train, 24K test),
+    used as they are."""
 
     repo = "HuggingFaceTB/smol-smoltalk"
 
@@ -339,7 +345,8 @@ class SmolTalk(_HubTask):
 
 
 def render_multiple_choice(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
-    """§5.3's MC prompt. The letter follows its choice after ``=`` with no space, so it is the same token as the
+    """nanochat d575940 scripts/mid_train.py's MC prompt. The letter follows its choice after ``=`` with no space, so it
+    is the same token as the
     assistant's one-letter answer."""
     lines = [f"Multiple Choice question: {question}\n"]
     lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
@@ -382,7 +389,8 @@ _CALCULATOR_SPAN = re.compile(r"(<<[^>]+>>)")
 
 
 def gsm8k_parts(answer: str) -> list[dict]:
-    """§5.3: an answer as assistant parts. Text between ``<<...>>`` spans is "text"; in a span, what precedes the
+    """nanochat d575940 scripts/mid_train.py: an answer as assistant parts. Text between ``<<...>>`` spans is "text"; in
+    a span, what precedes the
     last ``=`` is a "python" part and what follows it the "python_output" part (no ``=``: empty output)."""
     parts = []
     # re.split with one capture group alternates text, span, text, ..., text.
@@ -540,7 +548,8 @@ class _SpellingTask(Task):
 
 
 class SimpleSpelling(_SpellingTask):
-    """"Spell the word: {word}" -> "{word}:{w,o,r,d}" (§5.3), words in Random(42)-shuffled order, as nanochat."""
+    """"Spell the word: {word}" -> "{word}:{w,o,r,d}" (nanochat d575940 scripts/mid_train.py), words in
+    Random(42)-shuffled order, as nanochat."""
 
     # nanochat shuffles this task's word list so it draws different words than SpellingBee for the same index.
     shuffle_words = True
@@ -556,7 +565,8 @@ class SimpleSpelling(_SpellingTask):
 
 
 # SpellingBee questions in several languages. nanochat's exact template list is not part of the spec; these are
-# nanolit's own wording, so SpellingBee conversations differ in text from nanochat's (same structure, §5.3).
+# nanolit's own wording, so SpellingBee conversations differ in text from nanochat's (nanochat d575940
+# scripts/mid_train.py; same structure).
 SPELLING_BEE_TEMPLATES = (
     "How many {letter} are there in {word}",
     "How many times does the letter {letter} occur in {word}",
@@ -585,7 +595,8 @@ SPELLING_BEE_TEMPLATES = (
 
 
 class SpellingBee(_SpellingTask):
-    """"How many {letter} in {word}" questions answered by a manual count, then a python check (§5.3).
+    """"How many {letter} in {word}" questions answered by a manual count, then a python check (nanochat d575940
+    scripts/mid_train.py).
 
     The assistant spells the word, counts hit by hit in text, calls ``'{word}'.count('{letter}')``, gets its
     output, and ends with ``#### {count}``. Words are used in file order. The wording is nanolit's own.
@@ -640,7 +651,8 @@ def _require(path: Path, url: str) -> Path:
 
 
 def build_mid_mixture(base_dir: PathLike, split: str) -> TaskMixture:
-    """nanochat's mid_train mixture (§5.3) from ``<base_dir>`` (layout in this module's docstring).
+    """nanochat's mid_train mixture (nanochat d575940 scripts/mid_train.py) from ``<base_dir>`` (layout in this module's
+    docstring).
 
     train: SmolTalk train, MMLU auxiliary_train, GSM8K main train, identity conversations twice,
     SimpleSpelling 200,000 and SpellingBee 80,000. val: SmolTalk test, MMLU all test[:5200], GSM8K main test[:420].

@@ -1,4 +1,5 @@
-"""Evaluation in plain torch: bits per byte (spec §6) and the CORE metric (spec §7)."""
+"""Evaluation in plain torch: bits per byte (nanochat d575940 nanochat/loss_eval.py) and the CORE metric (nanochat
+d575940 nanochat/core_eval.py)."""
 from nanolit.eval.bpb import bits_per_byte, bpb_sums, evaluate_bpb
 from nanolit.eval.core import (
     EVAL_BUNDLE_URL,

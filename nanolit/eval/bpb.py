@@ -1,4 +1,4 @@
-"""Bits per byte: the tokenizer-independent validation loss (spec §6, nanochat's loss_eval.py).
+"""Bits per byte: the tokenizer-independent validation loss (nanochat d575940 nanochat/loss_eval.py).
 
 Mean cross-entropy per token depends on the vocabulary, so nanochat reports nats summed over target tokens divided
 by the UTF-8 bytes those tokens decode to, converted to bits. Special tokens (token_bytes 0, e.g. a ``<|bos|>``
@@ -18,7 +18,7 @@ from nanolit.common import NanolitError
 def bpb_sums(
     loss_flat: torch.Tensor, y_flat: torch.Tensor, token_bytes: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of nats and of target bytes for one batch of per-token losses (spec §6).
+    """Sum of nats and of target bytes for one batch of per-token losses (nanochat d575940 nanochat/loss_eval.py).
 
     ``loss_flat``: per-token cross-entropy in nats (``reduction='none'``); ``y_flat``: the targets, -1 = ignored;
     ``token_bytes``: int [V], bytes per token id, 0 for special tokens. Returns ``(nats, bytes)``: a fp32 scalar
@@ -37,7 +37,7 @@ def bpb_sums(
 
 
 def bits_per_byte(nats: torch.Tensor | float, num_bytes: torch.Tensor | int) -> float:
-    """``nats / (ln 2 * bytes)``; ``inf`` when there were no bytes (spec §6)."""
+    """``nats / (ln 2 * bytes)``; ``inf`` when there were no bytes (nanochat d575940 nanochat/loss_eval.py)."""
     total_bytes = int(num_bytes.item() if isinstance(num_bytes, torch.Tensor) else num_bytes)
     if total_bytes == 0:
         return float("inf")
@@ -52,7 +52,8 @@ def evaluate_bpb(
     steps: int,
     token_bytes: torch.Tensor,
 ) -> float:
-    """Bits per byte over ``steps`` batches ``(x, y)``, summed across ranks when distributed (spec §6).
+    """Bits per byte over ``steps`` batches ``(x, y)``, summed across ranks when distributed (nanochat d575940
+    nanochat/loss_eval.py).
 
     ``model(x, y, loss_reduction="none")`` must return per-token losses in nats. Accumulators live on
     ``token_bytes``' device, which should be the model's (nanochat keeps both there).

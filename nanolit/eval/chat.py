@@ -46,6 +46,11 @@ def load_chat_task(name: str, base_dir: str | os.PathLike) -> Task:
     return factories[check_task_names([name])[0]]()
 
 
+def accuracy_key(name: str) -> str:
+    """chat_sft's name for task ``name``'s accuracy in its logs and checkpoint meta: ``ARC-Easy`` -> ``arc_easy_acc``."""
+    return name.lower().replace("-", "_") + "_acc"
+
+
 def check_task_names(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in CHAT_TASKS]
     if unknown:

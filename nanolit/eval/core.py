@@ -1,4 +1,5 @@
-"""The CORE metric: DCLM's in-context-learning tasks, scored the way nanochat scores them (spec §7).
+"""The CORE metric: DCLM's in-context-learning tasks, scored the way nanochat scores them (nanochat d575940
+nanochat/core_eval.py).
 
 A bundle folder holds ``core.yaml`` (the task list), ``eval_meta_data.csv`` (random baselines, percent) and
 ``eval_data/<dataset_uri>`` JSONL files. Every example becomes one or more prompts; the model's cross-entropy on the
@@ -26,11 +27,11 @@ import yaml
 
 from nanolit.common import NanolitError, atomic_write, download_file
 
-# spec §7.1: about 162 MB; unzips to a folder named eval_bundle/.
+# nanochat d575940 nanochat/core_eval.py: about 162 MB; unzips to a folder named eval_bundle/.
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-# spec §7.1: the JSONL fields each task type reads.
+# nanochat d575940 nanochat/core_eval.py: the JSONL fields each task type reads.
 REQUIRED_FIELDS = {
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
@@ -40,7 +41,8 @@ REQUIRED_FIELDS = {
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One CORE task as ``core.yaml`` and ``eval_meta_data.csv`` describe it (spec §7.1)."""
+    """One CORE task as ``core.yaml`` and ``eval_meta_data.csv`` describe it (nanochat d575940
+    nanochat/core_eval.py)."""
 
     label: str
     dataset_uri: str  # relative to <bundle>/eval_data/
@@ -103,7 +105,8 @@ def _read_baselines(meta_path: Path) -> dict[str, float]:
 
 
 def _task_spec(task: dict, baselines: dict[str, float], config_path: Path, meta_path: Path) -> TaskSpec:
-    """Build one TaskSpec from a core.yaml entry (spec §7.1: num_fewshot[0], delimiter default ' ')."""
+    """Build one TaskSpec from a core.yaml entry (nanochat d575940 nanochat/core_eval.py: num_fewshot[0], delimiter
+    default ' ')."""
     try:
         label, uri, task_type = task["label"], task["dataset_uri"], task["icl_task_type"]
         num_fewshot = int(task["num_fewshot"][0])
@@ -139,7 +142,7 @@ def load_task_data(bundle_dir: str | Path, spec: TaskSpec) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# Prompt rendering (spec §7.4). Every few-shot demo is followed by a blank line.
+# Prompt rendering (nanochat d575940 nanochat/core_eval.py). Every few-shot demo is followed by a blank line.
 
 def render_prompts_mc(item: dict, delimiter: str, fewshot_examples: Sequence[dict] = ()) -> list[str]:
     """One prompt per choice: ``demos + query + delimiter + choice``."""
@@ -172,7 +175,8 @@ RENDERERS: dict[str, Callable[..., list[str]]] = {
 
 
 def sample_fewshot(data: Sequence[dict], idx: int, num_fewshot: int) -> list[dict]:
-    """The demos for example ``idx``: ``Random(1234 + idx).sample`` over every other index (spec §7.4).
+    """The demos for example ``idx``: ``Random(1234 + idx).sample`` over every other index (nanochat d575940
+    nanochat/core_eval.py).
 
     ``data`` is the already shuffled and cropped list, so ``max_per_task`` changes the pool, as in nanochat.
     """
@@ -197,7 +201,8 @@ def find_common_length(rows: Sequence[Sequence[int]], direction: str = "left") -
 
 
 def batch_sequences(tokenizer, prompts: list[str], task_type: str) -> tuple[list[list[int]], list[int], list[int]]:
-    """Tokenise ``prompts`` with ``<|bos|>`` prepended; return ``(rows, starts, ends)`` (spec §7.4)."""
+    """Tokenise ``prompts`` with ``<|bos|>`` prepended; return ``(rows, starts, ends)`` (nanochat d575940
+    nanochat/core_eval.py)."""
     rows = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
     if task_type == "multiple_choice":
         # The choices differ only after the shared query, so they are scored from the first differing token.
@@ -216,7 +221,8 @@ def batch_sequences(tokenizer, prompts: list[str], task_type: str) -> tuple[list
 
 
 def crop_to_max_len(rows: list[list[int]], starts: list[int], ends: list[int], max_len: int):
-    """Drop tokens from the left of rows longer than ``max_len`` (only for models with ``max_seq_len``, §7.4)."""
+    """Drop tokens from the left of rows longer than ``max_len`` (nanochat d575940 nanochat/core_eval.py; only for
+    models with ``max_seq_len``)."""
     new_rows, new_starts, new_ends = [], [], []
     for row, start, end in zip(rows, starts, ends):
         crop = max(0, len(row) - max_len)
@@ -258,7 +264,7 @@ def forward_model(
 def evaluate_example(
     idx: int, model, tokenizer, data: Sequence[dict], device: torch.device | str, task_meta: TaskSpec
 ) -> bool:
-    """Whether the model gets example ``idx`` of ``data`` right (spec §7.4)."""
+    """Whether the model gets example ``idx`` of ``data`` right (nanochat d575940 nanochat/core_eval.py)."""
     item = data[idx]
     fewshot = sample_fewshot(data, idx, task_meta.num_fewshot)
     prompts = RENDERERS[task_meta.task_type](item, task_meta.continuation_delimiter, fewshot)
@@ -274,7 +280,8 @@ def evaluate_example(
         # Exact greedy match: every continuation token must be the argmax of the position before it.
         start, end = starts[0], ends[0]
         return bool(torch.all(predictions[0, start - 1 : end - 1] == input_ids[0, start:end]).item())
-    # Multiple choice and schema: lowest mean CE over the continuation wins (mean, not sum: spec §16.7).
+    # Multiple choice and schema: lowest mean CE over the continuation wins (nanochat d575940 nanochat/core_eval.py: the
+    # mean, not the sum, so long choices are not penalised).
     mean_losses = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
@@ -288,7 +295,8 @@ def _rank_and_world() -> tuple[int, int]:
 def evaluate_task(model, tokenizer, data: Sequence[dict], device: torch.device | str, task_meta: TaskSpec) -> float:
     """Accuracy over ``data``; rank r takes examples r, r+W, ... and the results are summed across ranks."""
     if len(data) <= task_meta.num_fewshot:
-        # Each example draws its demos from the others (spec §7.4), so there must be more than num_fewshot.
+        # Each example draws its demos from the others (nanochat d575940 nanochat/core_eval.py), so there must be more
+        # than num_fewshot.
         raise NanolitError(f"CORE task {task_meta.label} has {len(data)} examples but needs more than its "
                            f"{task_meta.num_fewshot} few-shot demos; raise max_per_task above {task_meta.num_fewshot}")
     rank, world = _rank_and_world()
@@ -302,7 +310,7 @@ def evaluate_task(model, tokenizer, data: Sequence[dict], device: torch.device |
 
 
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:
-    """Map the random baseline (percent) to 0 and a perfect score to 1 (spec §7.3)."""
+    """Map the random baseline (percent) to 0 and a perfect score to 1 (nanochat d575940 nanochat/core_eval.py)."""
     return (accuracy - 0.01 * random_baseline) / (1.0 - 0.01 * random_baseline)
 
 
@@ -316,7 +324,8 @@ def evaluate_core(
     skip_missing: bool = False,
     verbose: bool = True,
 ) -> dict:
-    """Evaluate every task of the bundle (or the labels in ``tasks``, kept in core.yaml order) (spec §7.3).
+    """Evaluate every task of the bundle (or the labels in ``tasks``, kept in core.yaml order) (nanochat d575940
+    nanochat/core_eval.py).
 
     Each task's data is shuffled with ``Random(1337)`` and cropped to ``max_per_task`` (-1: all) before few-shot
     demos are drawn. Returns ``{"results": {label: acc}, "centered_results": {label: centered},
@@ -344,7 +353,8 @@ def evaluate_core(
 
 
 def write_core_csv(path: str | Path, results: dict) -> None:
-    """Write ``evaluate_core``'s output as base_eval's CSV: Task, Accuracy, Centered, then a CORE row (§7.5)."""
+    """Write ``evaluate_core``'s output as base_eval's CSV: Task, Accuracy, Centered, then a CORE row (nanochat d575940
+    scripts/base_eval.py)."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}\n")
         for label, acc in results["results"].items():
@@ -353,7 +363,7 @@ def write_core_csv(path: str | Path, results: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Download (spec §7.1)
+# Download (nanochat d575940 nanochat/core_eval.py)
 
 def download_core_bundle(base_dir: str | Path, url: str = EVAL_BUNDLE_URL) -> Path:
     """Make sure ``<base_dir>/eval_bundle/`` exists, downloading and unzipping ``url`` if it does not.
