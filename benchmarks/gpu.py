@@ -14,7 +14,7 @@ dense bf16 peak (nanochat d575940 scripts/base_train.py; 989e12 on an H100 SXM).
 the
 loader's job, benchmarked by ``benchmarks/dataloader.py``.
 
-    python benchmarks/gpu.py --depths 12 20                      # the issue's two models, B=32, T=2048
+    python benchmarks/gpu.py --depths 12 20                      # d12 and d20, B=32, T=2048
     python benchmarks/gpu.py --depths 4 8 16 26 --budget 300     # scaling points, until 300 s are spent
     python benchmarks/gpu.py --depths 20 --loss-chunk-size 8192  # the chunked loss head (nanolit/loss.py)
 """

@@ -26,8 +26,9 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large tensors (activations, logits, their gradients) every
     micro-batch. By default glibc serves such blocks with fresh mmaps, or trims the heap after they are freed, so
-    every step faults its memory back in page by page and the kernel zeroes it: on a d2 GPT (4 x 256 tokens,
-    vocab 4096) ~42K page faults per step eager and ~11K compiled, against ~1K with this (benchmarks/README.md).
+    every step faults its memory back in page by page and the kernel zeroes it: on a d2 GPT (4 x 4 x 256 tokens,
+    vocab 4096) 44.6K page faults per step eager and 21.3K compiled, against 10 and 134 with this, for 0.85x and
+    0.91x the step time (benchmarks/cpu_memory.py, benchmarks/README.md).
     The process's peak memory is the same (the next step reuses the blocks); it just stays mapped between steps.
     Process-wide and once; a no-op where the C library is not glibc.
     """

@@ -55,7 +55,8 @@ def resolve_num_iterations(num_iterations: int, target_flops: float, target_para
 
 
 # Rows per chunk of the loss head when ``loss_chunk_size`` is None and training is compiled on a CPU: the chunked
-# head is faster there (d2 and d4 at vocab 4096: 0.92x and 0.95x of the compiled one-shot step; benchmarks/README.md).
+# head is no slower there (compiled forward+backward, vocab 4096, 4 x 256 tokens: 0.88x the one-shot head's time
+# at d2, 0.99x at d4; benchmarks/README.md).
 CPU_LOSS_CHUNK_ROWS = 512
 
 

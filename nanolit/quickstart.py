@@ -22,10 +22,10 @@ from nanolit.common import NanolitError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG, MID_CONFIG, SFT_CONFIG = CONFIGS / "quickstart.yaml", CONFIGS / "mid.yaml", CONFIGS / "sft.yaml"
 # mid-training at the quickstart's size: its batch, 40 steps (mid's horizon is the data's num_iterations, whose
-# step N is the signal to stop), val bpb every 20 steps on 16K tokens
+# step N is the signal to stop), val bpb every 20 steps on 16K tokens, eager (40 steps do not pay back compiling)
 MID_OVERRIDES = ["--model.max_seq_len=256", "--model.device_batch_size=8", "--model.total_batch_size=4096",
-                 "--model.loss_chunk_size=512", "--data.num_iterations=41", "--data.eval_tokens=16384",
-                 "--bpb.eval_every=20", "--trainer.devices=1"]
+                 "--model.loss_chunk_size=512", "--model.compile=false", "--data.num_iterations=41",
+                 "--data.eval_tokens=16384", "--bpb.eval_every=20", "--trainer.devices=1"]
 # SFT at the quickstart's size: chat_sft's 32 conversations a step as 4 micro-batches of 8, cut at the model's 256
 # tokens; 30 steps (num_iterations 31: chat_sft does not train its last); val loss every 10 steps on 8 x 8
 # conversations; MMLU and ARC-Easy on all their test problems once, at the end (step 30)

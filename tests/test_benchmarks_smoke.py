@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,58 @@ def test_attention_benchmark_runs_both_paths(tmp_path):
         assert case["ratio"] == pytest.approx(case["flex_ms"] / case["sdpa_ms"])
         assert case["max_abs_diff"] < 1e-5  # the same attention by both paths
     assert op["train_sdpa_ms"] > 0 and "train_sdpa_ms" not in model
+
+
+FAKE_BASE_TRAIN = '''"""Prints base_train's lines the way nanochat d575940 does, without training: the driver's parsing is under test."""
+import sys
+
+knobs = dict(arg[2:].split("=", 1) for arg in sys.argv[1:])
+steps, every = int(knobs["num_iterations"]), int(knobs["eval_every"])
+for step in range(steps + 1):
+    if step % every == 0 or step == steps:
+        print(f"Step {step:05d} | Validation bpb: {3.0 - step / 100:.4f}")
+    if step < steps:
+        print(f"step {step:05d}/{steps:05d} ({100 * step / steps:.2f}%) | loss: {8.0 - step / 10:.6f} | grad norm: 1.0 "
+              f"| lrm: 1.00 | dt: {50.0 + step:.2f}ms | tok/sec: 1,000 | mfu: 0.00 | total time: 0.00m")
+'''
+
+
+def test_vs_nanochat_reads_both_programs(tiny_base_dir, tmp_path):
+    """The driver against a stand-in nanochat checkout that prints base_train's lines: nanolit runs for real
+    with StepClock, both sides' step lines, val bpb lines and whole-step times are read, rounds alternate."""
+    fake = tmp_path / "nanochat"
+    (fake / "scripts").mkdir(parents=True)
+    (fake / "scripts" / "__init__.py").write_text("")
+    (fake / "scripts" / "base_train.py").write_text(FAKE_BASE_TRAIN)
+    out = tmp_path / "vs.json"
+    run_script("vs_nanochat.py", "--nanochat", str(fake), "--nanochat-python", sys.executable,
+               "--base-dir", str(tiny_base_dir), "--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2",
+               "--total-batch-size", "128", "--steps", "5", "--eval-every", "2", "--eval-tokens", "128",
+               "--rounds", "2", "--nanolit-args", "--model.compile=false --data.tokenizer_threads=1",
+               "--work", str(tmp_path / "work"), "--json", str(out))
+    result = json.loads(out.read_text())
+    rounds = result["rounds"]
+    assert [r["order"] for r in rounds] == [["nanochat", "nanolit"], ["nanolit", "nanochat"]]
+    for r in rounds:
+        nanochat, nanolit = r["nanochat"], r["nanolit"]
+        # steps 1..3 counted on both sides: step 0 is the cold start, step 4 has no next step to close its clock
+        assert nanochat["whole"]["n"] == nanolit["whole"]["n"] == nanolit["own_dt"]["n"] == 3
+        assert nanochat["whole"]["median_ms"] == pytest.approx(52.0)  # the stand-in's dt of steps 1..3
+        assert nanochat["first_step_ms"] == pytest.approx(50.0)
+        # the whole step holds the step nanolit's own dt times and the work between steps
+        assert nanolit["whole"]["median_ms"] > 0 and nanolit["own_dt"]["median_ms"] > 0
+        assert r["ratio_median"] == pytest.approx(nanolit["whole"]["median_ms"] / 52.0)
+        assert sorted(map(int, nanolit["loss"])) == list(range(5))
+        assert sorted(map(int, nanolit["val_bpb"])) == sorted(map(int, nanochat["val_bpb"])) == [0, 2, 4, 5]
+        assert math.isfinite(r["loss_max_rel_diff"]) and math.isfinite(r["val_bpb_max_rel_diff"])
+    assert result["summary"]["ratio_median"] == pytest.approx(statistics.median(r["ratio_median"] for r in rounds))
+
+
+def test_cpu_memory_benchmark_runs_eager(tmp_path):
+    out = tmp_path / "mem.json"
+    run_script("cpu_memory.py", "--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--accum", "2",
+               "--steps", "2", "--warmup", "1", "--rounds", "1", "--modes", "eager", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert [(r["memory"], r["compiled"]) for r in results] == [("returned", False), ("kept", False)]
+    assert results[1]["took"] is True  # glibc took the setting on this Linux machine
+    assert all(r["faults_per_step"] >= 0 and r["step_ms"] > 0 for r in results)

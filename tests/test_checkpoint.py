@@ -234,7 +234,7 @@ def test_load_model_refuses_other_tokenizer(nanochat_d2, tmp_path):
         load_model("base", base_dir=base)
 
 
-# ---- the public names: load_nanochat / save_nanochat, truncated files, Lightning checkpoints ----------
+# ---- public names: load_nanochat / save_nanochat, truncated files, Lightning checkpoints ----------
 
 
 def test_save_then_load_nanochat_round_trip(nanochat_d2, tmp_path):

@@ -76,7 +76,7 @@ def test_nanolit_fit_reproduces_nanochats_2026_run(fixture_run, expected_2026):
     for step, value in expected_2026["lrm_logged"].items():
         assert abs(lrm[int(step)] - value) <= 0.005 + 1e-12, step
     for step, value in expected_2026["val_bpb_curve"].items():
-        assert bpb[int(step)] == pytest.approx(value, rel=1e-3), step  # the 0.1%; ACCUMULATED holds too
+        assert bpb[int(step)] == pytest.approx(value, rel=1e-3), step  # within 0.1%; ACCUMULATED holds too
         assert bpb[int(step)] == pytest.approx(value, rel=ACCUMULATED, abs=5e-7), step
 
 

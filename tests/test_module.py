@@ -210,12 +210,16 @@ def test_compile_default_follows_the_cpu_compiler(monkeypatch):
 
 
 @pytest.mark.skipif(__import__("nanolit.cpu").cpu.cpu_compiler() is None, reason="no C++ compiler for torch.compile")
-def test_compiled_cpu_default_trains_like_eager():
+def test_compiled_cpu_default_trains_like_eager(monkeypatch):
     """The CPU default (compiled GPT and Newton-Schulz, chunked loss head, fused AdamW) trains as the eager one-shot
-    loop does. Step 0 sees the same weights: only fp32 summation order differs (compiled kernels, chunk sums), ~1e-7.
-    Later steps can differ more: a 1e-7 change can move an element of the bf16 Newton-Schulz input across a rounding
-    boundary, which changes that step's update (as 1 process against 2 in tests/test_ddp.py), so each weight must end
-    within 10% of the distance training moved it; other tokens put two runs 100% of that distance apart."""
+    loop does. Newton-Schulz runs in fp32 on both sides: in bf16 a ~1e-7 change (compiled kernels and chunk sums add
+    in another order) can move an element across a bf16 rounding boundary and change a whole update, by an amount
+    that depends on the CPU's kernels. In fp32 the two runs differ by summation order only: ~1e-7 relative per
+    operation, kept below 1e-5 of each loss and 1e-4 of the distance each weight moved over 3 steps (the same
+    bound as the 1-process against 2-process run in tests/test_ddp.py)."""
+    import nanolit.optim
+
+    monkeypatch.setattr(nanolit.optim, "NS_DTYPE", torch.float32)
     steps = make_steps(3, seed=2)
     eager, compiled = make_module(num_iterations=3), make_module(num_iterations=3, compile=None, loss_chunk_size=None)
     losses = {}
@@ -226,10 +230,10 @@ def test_compiled_cpu_default_trains_like_eager():
     assert compiled.train_model is not compiled.gpt and compiled.loss_chunk_rows() > 0  # the default did compile
     assert all(g.get("fused") for g in compiled.trainer.optimizers[0].param_groups)
     assert compiled.trainer.optimizers[1].compile_ns
-    assert losses["compiled"][0] == pytest.approx(losses["eager"][0], rel=1e-5)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
     start = build_gpt(GPTConfig.from_depth(2, V, T)).state_dict()
     for (name, p), q in zip(compiled.gpt.state_dict().items(), eager.gpt.state_dict().values()):
-        assert (p - q).norm() <= 0.1 * (q - start[name]).norm(), name
+        assert (p - q).norm() <= 1e-4 * (q - start[name]).norm(), name
 
 
 class RecordLoss(L.Callback):
