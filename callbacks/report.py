@@ -153,6 +153,8 @@ class ReportWriter(L.Callback):
         ]
         if state.core:
             sections.append(core_table(state.core))
+        if state.chat:
+            sections.append(chat_table(state.chat))
         if state.samples:
             body = "\n".join(s["sample"] for s in state.samples["samples"])
             sections.append(f"## Samples (step {state.samples['step']:05d})\n\n```text\n{body}\n```")
@@ -191,6 +193,7 @@ class ReportWriter(L.Callback):
             "Minimum validation bpb": state.min_val_bpb if state.val_bpb is not None else None,
             "Final validation bpb": state.val_bpb,
             "CORE metric estimate": state.core["core_metric"] if state.core else None,
+            "Final validation loss": state.val_loss,
         }
         if state.dt is not None:
             facts["MFU %"] = f"{state.mfu:.2f}%" if state.mfu is not None else "n/a (peak FLOP/s unknown)"
@@ -266,6 +269,16 @@ def core_table(result: dict[str, Any]) -> str:
             for label, acc in result["results"].items()]
     return (f"## CORE (step {result['step']:05d})\n\n| Task | Accuracy | Centered |\n|---|---|---|\n"
             + "\n".join(rows) + f"\n| CORE | | {result['core_metric']:.4f} |")
+
+
+def chat_table(chat: dict[str, Any]) -> str:
+    """The last chat evaluation: each task's accuracy (correct of total), and ChatCORE when it was computed."""
+    rows = [f"| {name} | {accuracy:.4f} | {chat['counts'][name][0]} / {chat['counts'][name][1]} |"
+            for name, accuracy in chat["results"].items()]
+    if chat.get("chatcore") is not None:
+        rows.append(f"| ChatCORE | {chat['chatcore']:.4f} | |")
+    return (f"## Chat evaluation (step {chat['step']:05d})\n\n| Task | Accuracy | Correct / total |\n|---|---|---|\n"
+            + "\n".join(rows))
 
 
 def plot_pngs(series: dict[str, list[tuple[int, float]]], out_dir: Path) -> list[tuple[str, str]]:

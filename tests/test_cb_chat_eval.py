@@ -13,7 +13,7 @@ from conftest import write_task_data
 from test_cb_toys import make_trainer
 from torch.utils.data import DataLoader
 
-from nanolit.callbacks import ChatEvaluation
+from nanolit.callbacks import ChatEvaluation, ReportWriter
 from nanolit.callbacks import chat_eval as chat_eval_module
 from nanolit.common import NanolitError
 from nanolit.eval.chat import evaluate_chat
@@ -76,7 +76,7 @@ def test_every_n_optimizer_steps_under_accumulation_and_equal_to_evaluate_chat(t
     module = ChatToy(byte_tokenizer.get_vocab_size())
     data = ChatToyData(byte_tokenizer, task_base)
     chat = ChatEvaluation(eval_metrics_every=2, eval_metrics_max_problems=2, tasks=TASKS, max_new_tokens=8)
-    trainer = make_trainer(tmp_path, [chat], max_steps=5, accumulate_grad_batches=3)
+    trainer = make_trainer(tmp_path, [chat, ReportWriter()], max_steps=5, accumulate_grad_batches=3)
     trainer.fit(module, datamodule=data)
     # 15 batches, 5 optimizer steps: at the start of steps 2 and 4 (once, not once per micro-batch) and at the end
     assert trainer.global_step == 5 and calls == [2, 4, 5]
@@ -94,6 +94,10 @@ def test_every_n_optimizer_steps_under_accumulation_and_equal_to_evaluate_chat(t
     line = ", ".join(f"{key}: {direct['results'][name]:.6f}"
                      for key, name in (("mmlu_acc", "MMLU"), ("arc_easy_acc", "ARC-Easy"), ("gsm8k_acc", "GSM8K")))
     assert f"Step 00005 | {line}" in out.splitlines()
+    report = (tmp_path / "run" / "version_0" / "report.md").read_text()
+    assert "## Chat evaluation (step 00005)" in report and "ChatCORE" not in report
+    passed, total = direct["counts"]["GSM8K"]
+    assert f"| GSM8K | {direct['results']['GSM8K']:.4f} | {passed} / {total} |" in report
 
 
 def test_missing_task_data_switches_it_off_with_one_warning(byte_tokenizer, tmp_path):

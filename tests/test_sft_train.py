@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_task_data
 
-from nanolit.callbacks import RunState, ValidationLoss
+from nanolit.callbacks import ReportWriter, RunState, ValidationLoss
 from nanolit.checkpoint import load_nanochat, save_nanochat
 from nanolit.cli import main
 from nanolit.common import NanolitError
@@ -151,8 +151,8 @@ def test_horizon_from_epochs_and_the_plan_names_the_model_and_its_exporter(base,
 
 def test_val_loss_is_the_mean_of_batch_means(base, tmp_path, byte_tokenizer):
     """chat_sft's val loss: each batch's mean loss over its supervised tokens (the model's mean reduction), averaged."""
-    val_loss = ValidationLoss(eval_every=100)
-    module, _ = fit(base, tmp_path, [RunState(), val_loss], eval_steps=2, num_iterations=2)
+    val_loss, report = ValidationLoss(eval_every=100), ReportWriter(str(tmp_path / "report.md"))
+    module, _ = fit(base, tmp_path, [RunState(), val_loss, report], eval_steps=2, num_iterations=2)
     stream = sft_batches(build_sft_val(base), byte_tokenizer, B, max_tokens=T)
     batches = [next(stream) for _ in range(2)]
     with torch.no_grad():
@@ -163,6 +163,7 @@ def test_val_loss_is_the_mean_of_batch_means(base, tmp_path, byte_tokenizer):
     # `tokens` additions may round by 2**-24 relative, so the two means agree to tokens * 2**-24
     assert val_loss.run_state.val_loss == pytest.approx(expected, rel=tokens * 2 ** -24)
     assert val_loss.run_state.val_loss > 0
+    assert f"- Final validation loss: {val_loss.run_state.val_loss:.4f}" in (tmp_path / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------- the CLI run
