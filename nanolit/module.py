@@ -14,7 +14,6 @@ batch, and where and what the export writes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 from pathlib import Path
@@ -375,13 +374,13 @@ class Dec2025Stage:
 
     def configure_optimizers(self, core: TrainingCore) -> list:
         hp = core.hparams
-        build = functools.partial(build_optimizers, compile_ns=core.compiles())
+        build = build_optimizers
         if hp.shard_optimizer:
             from nanolit.sharded import build_sharded_optimizers
 
             build = build_sharded_optimizers
         optimizers = build(core.gpt, unembedding_lr=hp.unembedding_lr, embedding_lr=hp.embedding_lr,
-                           matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay)
+                           matrix_lr=hp.matrix_lr, weight_decay=hp.weight_decay, compile_ns=core.compiles())
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] = group["lr"] * hp.init_lr_frac

@@ -283,7 +283,8 @@ class DistMuon(_ShardedState, Muon):
         if world == 1:  # exactly Muon's step: the same batches of one shape, the same function
             for members in shape_groups:
                 params = [p for p, _ in members]
-                muon_update(params, [p.grad for p in params], [self.state[p] for p in params], members[0][1])
+                muon_update(params, [p.grad for p in params], [self.state[p] for p in params], members[0][1],
+                            compiled=self.compile_ns)
             return loss
 
         op, divide = _mean_op()
@@ -303,7 +304,7 @@ class DistMuon(_ShardedState, Muon):
                 if divide:
                     out.div_(world)
                 p, group = chunk[rank]
-                muon_update([p], [out], [self.state[p]], group)
+                muon_update([p], [out], [self.state[p]], group, compiled=self.compile_ns)
             outputs = [p for p, _ in chunk] + [torch.empty_like(zero) for _ in range(world - len(chunk))]
             gathers.append(dist.all_gather(outputs, chunk[rank][0] if mine else zero, async_op=True))
         for work in gathers:
@@ -345,6 +346,7 @@ def build_sharded_optimizers(
     embedding_lr: float = 0.2,
     matrix_lr: float = 0.02,
     weight_decay: float = 0.0,
+    compile_ns: bool | None = None,
 ) -> list[torch.optim.Optimizer]:
     """``build_optimizers`` with ``[DistAdamW, DistMuon]`` in place of ``[AdamW, Muon]`` (nanochat d575940
     nanochat/gpt.py; nanochat under DDP).
@@ -355,14 +357,14 @@ def build_sharded_optimizers(
     against the world size here.
     """
     adamw, muon = build_optimizers(model, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                   matrix_lr=matrix_lr, weight_decay=weight_decay)
-    # every group key carried over, torch's switches included (fused on CUDA): an unsharded resume keeps them
+                                   matrix_lr=matrix_lr, weight_decay=weight_decay, compile_ns=compile_ns)
+    # every group key carried over, torch's switches included (fused): an unsharded resume keeps them
     dist_adamw = DistAdamW([{**group} for group in adamw.param_groups])
     # Muon groups by numel in set order, which depends on insertion order: feed DistMuon the same sequence
     # (model order), then check the layouts agree, since state_dict indices depend on them.
     order = {id(p): i for i, p in enumerate(model.parameters())}
     matrices = sorted((p for group in muon.param_groups for p in group["params"]), key=lambda p: order[id(p)])
-    dist_muon = DistMuon(matrices)
+    dist_muon = DistMuon(matrices, compile_ns=muon.compile_ns)
     for ours, theirs in zip(dist_muon.param_groups, muon.param_groups, strict=True):
         if [id(p) for p in ours["params"]] != [id(p) for p in theirs["params"]]:
             raise RuntimeError("DistMuon's parameter groups differ from Muon's; checkpoints would not transfer")

@@ -169,6 +169,21 @@ def test_build_sharded_optimizers_mirrors_build_optimizers():
             assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
     assert {k: sharded[0].param_groups[1][k] for k in ("name", "betas", "eps", "weight_decay")} == dict(
         name="wte", betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    # Newton-Schulz compiled or not as the unsharded Muon: the training core asks both the same way
+    assert sharded[1].compile_ns is single[1].compile_ns is None
+    assert build_sharded_optimizers(model, compile_ns=False)[1].compile_ns is False
+
+
+def test_dist_muon_passes_its_compile_choice_to_the_update(monkeypatch):
+    import nanolit.sharded
+
+    seen = []
+    monkeypatch.setattr(nanolit.sharded, "muon_update", lambda *args, compiled=None: seen.append(compiled))
+    _, m = make_params()
+    for p in m:
+        p.grad = torch.ones_like(p)
+    DistMuon(m, compile_ns=False).step()  # one process: Muon's own batches, one call per shape
+    assert seen == [False, False, False]
 
 
 def _through_file(state: dict) -> dict:
