@@ -229,8 +229,9 @@ class TrainingCore(L.LightningModule):
         micro_batches = self.micro_batches(batch)
         strategy = self.trainer.strategy
         total = torch.zeros((), device=self.device)
+        chunk = self.loss_chunk_rows()
         for i, (x, y) in enumerate(micro_batches):
-            loss = self.train_model(x, y, loss_chunk_size=self.loss_chunk_rows())
+            loss = self.train_model(x, y, loss_chunk_size=chunk)
             last = i == self.grad_accum_steps - 1
             # skip the DDP all-reduce on every micro-step but the last: one gradient sync per optimizer step
             sync = contextlib.nullcontext() if last or not isinstance(strategy, ParallelStrategy) \
