@@ -9,8 +9,8 @@ H100 in nanochat's speedrun (its speedrun; 48% MFU on 8xH100); nanolit's own ste
 The process is pinned to one core (``sched_setaffinity``) and the tokenizer gets one thread, so the main
 thread, the background thread and tiktoken all share that core. Token counts depend on the vocabulary: nanochat's
 65536-token tokenizer packs about 4.8 bytes of FineWeb-Edu text per token (nanochat d575940 scripts/tok_train.py),
-smaller vocabularies
-fewer, so the script also reports text bytes/s and the 65536-vocab tokens/s they amount to (bytes / 4.8).
+smaller vocabularies fewer, so the script also reports text bytes/s and the 65536-vocab tokens/s they amount to
+(bytes / 4.8).
 
     python benchmarks/dataloader.py                              # embedded corpus, BPE vocab 16384
     python benchmarks/dataloader.py --tokenizer-dir ../shared/fixtures/nanochat_d2/tokenizer \\

@@ -1,8 +1,7 @@
 """GPU throughput of nanolit's training step: MFU, tok/s, peak memory and Muon's share of the step.
 
 One optimizer step is exactly what ``GPTModule.training_step`` runs on one GPU (nanochat d575940 scripts/base_train.py):
-the GPT
-compiled as ``configure_model`` compiles it, bf16 autocast, forward + backward of every micro-batch, one global
+the GPT compiled as ``configure_model`` compiles it, bf16 autocast, forward + backward of every micro-batch, one global
 grad-norm clip, the LR multiplier and Muon momentum, fused AdamW then Muon, ``zero_grad``. The Lightning loop
 around it adds ~2 ms of host work per step, hidden behind GPU-bound steps (``benchmarks/step_overhead.py``
 measures it), so this plain loop gives nanolit's numbers without the Trainer's start-up.
@@ -11,8 +10,7 @@ Timing: ``--warmup`` steps first (compilation happens there), then ``--steps`` s
 ``cuda.synchronize`` calls, with no host sync in between. Muon and AdamW are bracketed by CUDA events, which time
 the GPU work without stopping the host. MFU is nanochat's: ``flops_per_token * tokens / dt / peak`` with the
 dense bf16 peak (nanochat d575940 scripts/base_train.py; 989e12 on an H100 SXM). Tokens are random ids: the data path is
-the
-loader's job, benchmarked by ``benchmarks/dataloader.py``.
+the loader's job, benchmarked by ``benchmarks/dataloader.py``.
 
     python benchmarks/gpu.py --depths 12 20                      # d12 and d20, B=32, T=2048
     python benchmarks/gpu.py --depths 4 8 16 26 --budget 300     # scaling points, until 300 s are spent

@@ -118,8 +118,7 @@ def detect_architecture(state_dict: dict) -> str:
     """Which nanochat architecture a state_dict belongs to, by its key set (later nanochat commits).
 
     ``"dec2025"`` (nanochat d575940: the keys of its nanochat/gpt.py only), ``"jul2026"`` (nanochat 92d63d4's key set,
-    which
-    ``nanolit.model2026`` implements), ``"jan2026"``, ``"jan2026-ve"``, ``"mar2026"`` (other 2026 key sets), or
+    which ``nanolit.model2026`` implements), ``"jan2026"``, ``"jan2026-ve"``, ``"mar2026"`` (other 2026 key sets), or
     ``"unknown"`` when the keys match none of these.
     """
     keys = [k.removeprefix("_orig_mod.") for k in state_dict]
@@ -145,8 +144,7 @@ def _drop_vocab_padding(state_dict: dict, vocab_size: int) -> dict:
     """Slice wte/lm_head back to ``vocab_size`` rows.
 
     From 2025-12-23 (later nanochat commits) nanochat pads both to a multiple of 64 rows and slices the logits back, so
-    the extra
-    rows never affect outputs and those checkpoints still load into the Dec-2025 model.
+    the extra rows never affect outputs and those checkpoints still load into the Dec-2025 model.
     """
     for key in ("transformer.wte.weight", "lm_head.weight"):
         if key in state_dict and state_dict[key].shape[0] > vocab_size:

@@ -20,8 +20,7 @@ class KVCache:
 
     The tensor takes k's dtype and device (bf16 under autocast) and grows along T in steps of 1024 when a
     prompt outruns it (nanochat d575940 nanochat/engine.py). ``prev_embedding`` ``[B, 1, C]`` is the 2026 GPT's smear
-    state: the last cached
-    token's embedding (None until a 2026 model writes it; the d575940 GPT never does).
+    state: the last cached token's embedding (None until a 2026 model writes it; the d575940 GPT never does).
     """
 
     def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int):

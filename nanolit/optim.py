@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from nanolit.common import NanolitError
 
 # Quintic Newton-Schulz coefficients (nanochat d575940 nanochat/muon.py), tuned in modded-nanogpt to push every singular
-# value into a band
-# around 1 as fast as possible rather than to converge exactly to 1 (which would need many more steps).
+# value into a band around 1 as fast as possible rather than to converge exactly to 1 (which would need many more
+# steps).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 # The Newton-Schulz precision when none is given: nanochat d575940 casts to bf16 (nanochat/muon.py).
@@ -59,10 +59,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
     """Approximately orthogonalise ``G`` (..., rows, cols): U S Vᵀ -> U S' Vᵀ with S' in a band around 1.
 
     As nanochat d575940 nanochat/muon.py: cast to bf16, work on the wide orientation, divide by (Frobenius norm + 1e-7),
-    then ``steps``
-    quintic iterations X <- aX + (bA + cA²)X with A = XXᵀ. Each iteration maps every singular value x to
-    p(x) = ax + bx³ + cx⁵; p keeps [0.682, 1.134] invariant, so singular values that start above ~1% of the
-    Frobenius norm end within that band after 5 steps. Compiled on CUDA, eager elsewhere.
+    then ``steps`` quintic iterations X <- aX + (bA + cA²)X with A = XXᵀ. Each iteration maps every singular value
+    x to p(x) = ax + bx³ + cx⁵; p keeps [0.682, 1.134] invariant, so singular values that start above ~1% of the
+    Frobenius norm end within that band after 5 steps. Compiled as ``compiled`` says.
 
     ``dtype`` is the iteration's precision, :data:`NS_DTYPE` (bf16, what nanochat d575940 runs) when ``None``:
     bf16 is stable for this iteration, and fp32 exists for comparisons that must not depend on where bf16 rounds.

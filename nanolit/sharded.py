@@ -1,8 +1,8 @@
 """Sharded optimizers: nanochat's DistAdamW and DistMuon, which split the optimizer state and its work across ranks.
 
 ZeRO-2 style (nanochat d575940 nanochat/muon.py, nanochat/adamw.py). Each ``step()`` reduce-scatters the gradients (mean
-over ranks), applies the
-single-process math to this rank's share of the parameters only, and all-gathers the updated parameters:
+over ranks), applies the single-process math to this rank's share of the parameters only, and all-gathers the updated
+parameters:
 
 - ``DistAdamW`` shards every parameter by rows (dim 0): each rank keeps 1/W of ``exp_avg`` and ``exp_avg_sq``;
 - ``DistMuon`` hands whole matrices to ranks block-cyclically inside each shape group: each rank keeps ~1/W of the

@@ -266,9 +266,8 @@ def get_tokenizer(base_dir: str | os.PathLike | None = None) -> Tokenizer:
 
 def _iter_training_text(data_dir: Path, max_chars: int, doc_cap: int) -> Iterator[str]:
     """Docs of the train shards (nanochat d575940 nanochat/dataset.py; every parquet but the last), each cropped to
-    ``doc_cap`` characters;
-    stops after the doc that takes the running total past ``max_chars`` (nanochat d575940 scripts/tok_train.py;
-    tok_train's order)."""
+    ``doc_cap`` characters; stops after the doc that takes the running total past ``max_chars`` (nanochat d575940
+    scripts/tok_train.py; tok_train's order)."""
     files = sorted(data_dir.glob("*.parquet")) if data_dir.is_dir() else []
     if len(files) < 2:
         raise NanolitError(

@@ -18,8 +18,7 @@ from nanolit.common import NanolitError
 MAX_TOKENS = 2048
 
 # Part type -> (opening special token, closing special token, mask). nanochat d575940 nanochat/tokenizer.py: the model
-# writes text and python
-# calls (mask 1); the tool's output is given to it (mask 0).
+# writes text and python calls (mask 1); the tool's output is given to it (mask 0).
 _PART_TOKENS = {
     "text": (None, None, 1),
     "python": ("<|python_start|>", "<|python_end|>", 1),

@@ -43,8 +43,7 @@ class BaseDataModule(L.LightningDataModule):
     """Pretraining data from ``<base_dir>/base_data/*.parquet`` (last file = val) and ``<base_dir>/tokenizer``.
 
     Argument names and defaults are base_train's (nanochat d575940 scripts/base_train.py). ``total_batch_size`` is
-    tokens per optimizer step over
-    all ranks; ``eval_tokens`` is how many val tokens the bpb evaluation scores.
+    tokens per optimizer step over all ranks; ``eval_tokens`` is how many val tokens the bpb evaluation scores.
     """
 
     def __init__(

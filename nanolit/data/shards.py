@@ -135,9 +135,9 @@ def download_shards(
     paths. ClimbMix (the 2026 corpus): ``base_url=CLIMBMIX_URL, max_shard=CLIMBMIX_MAX_SHARD``.
 
     Like ``nanochat.dataset`` (nanochat d575940 nanochat/dataset.py): files already present are skipped, each download
-    goes to a temporary file
-    renamed on success, and a failed one is retried up to ``attempts`` times, waiting ``backoff * 2**attempt`` s
-    between tries. ``on_done(path)`` is called as each shard becomes available (for progress display).
+    goes to a temporary file renamed on success, and a failed one is retried up to ``attempts`` times, waiting
+    ``backoff * 2**attempt`` s between tries. ``on_done(path)`` is called as each shard becomes available (for
+    progress display).
     """
     if num_shards == -1:
         num_shards = max_shard + 1

@@ -346,8 +346,7 @@ class SmolTalk(_HubTask):
 
 def render_multiple_choice(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
     """nanochat d575940 scripts/mid_train.py's MC prompt. The letter follows its choice after ``=`` with no space, so it
-    is the same token as the
-    assistant's one-letter answer."""
+    is the same token as the assistant's one-letter answer."""
     lines = [f"Multiple Choice question: {question}\n"]
     lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
     lines.append("\nRespond only with the letter of the correct answer.")
@@ -390,8 +389,8 @@ _CALCULATOR_SPAN = re.compile(r"(<<[^>]+>>)")
 
 def gsm8k_parts(answer: str) -> list[dict]:
     """nanochat d575940 scripts/mid_train.py: an answer as assistant parts. Text between ``<<...>>`` spans is "text"; in
-    a span, what precedes the
-    last ``=`` is a "python" part and what follows it the "python_output" part (no ``=``: empty output)."""
+    a span, what precedes the last ``=`` is a "python" part and what follows it the "python_output" part (no ``=``:
+    empty output)."""
     parts = []
     # re.split with one capture group alternates text, span, text, ..., text.
     for i, piece in enumerate(_CALCULATOR_SPAN.split(answer)):
